@@ -1,0 +1,94 @@
+"""The Celery app factory, queue naming and the message format producers and workers share.
+
+The producer enqueues by task name; it never imports the worker's task code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from bigmodel.core.settings import Settings
+
+TASK_RUN_CHUNK = "bigmodel.run_chunk"
+MESSAGE_VERSION = 1
+QUEUE_PREFIX = "bigmodel.model."
+
+
+def queue_name(model: str) -> str:
+    """One queue per registered model, so a worker pulls only work for models it has loaded."""
+    return QUEUE_PREFIX + model
+
+
+def chunk_message(batch_id: str, model: str, ids: Sequence[int]) -> dict[str, Any]:
+    """A chunk of requests of one batch for one model.
+
+    The message carries only request ids: the worker's claim (one UPDATE ... RETURNING) reads
+    inputs and params from the ledger, which is the source of truth. Messages stay tiny whatever
+    the inputs (data: URIs included), and a stale redelivery claims nothing.
+    """
+    return {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids)}
+
+
+def parse_message(message: Any) -> tuple[str, str, list[int]]:
+    if not isinstance(message, dict) or message.get("v") != MESSAGE_VERSION:
+        raise ValueError(f"unsupported message {str(message)[:200]!r}")
+    ids = message["ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError("message ids must be a list of integers")
+    return str(message["batch_id"]), str(message["model"]), ids
+
+
+def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
+    app = Celery(name, broker=settings.broker, set_as_current=False)
+    options: dict[str, Any] = {}
+    if settings.broker.startswith("filesystem://"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "polling_interval": 0.2,
+        }
+    elif settings.broker.startswith(("redis://", "rediss://")):
+        # Above the longest chunk's run time, or Redis redelivers a message still being worked.
+        options = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="bigmodel.default",
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=not settings.broker.startswith("filesystem://"),
+    )
+    return app
+
+
+def enqueue(app: Celery, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Send `(queue, message)` pairs over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for queue, message in messages:
+            app.send_task(TASK_RUN_CHUNK, args=[message], queue=queue, producer=producer)
+
+
+def chunk_ids(pairs: Sequence[tuple[int, str]], sizes: dict[str, int]) -> list[tuple[str, list[int]]]:
+    """Group `(request_id, model)` pairs into per-model chunks of the model's batch size."""
+    by_model: dict[str, list[int]] = {}
+    for rid, model in pairs:
+        by_model.setdefault(model, []).append(rid)
+    chunks: list[tuple[str, list[int]]] = []
+    for model, ids in by_model.items():
+        size = max(1, sizes.get(model, 32))
+        chunks.extend((model, ids[i : i + size]) for i in range(0, len(ids), size))
+    return chunks

@@ -1,0 +1,205 @@
+"""The model contract and the loop that runs it: decode → batch → predict → encode.
+
+A model runner (LitServe's shape) only knows how to turn one input into a model-ready item, a list
+of items into outputs, and one output into JSON. This loop owns everything around it: per-item
+failure isolation, batch splitting, output-count checks and hooks. It imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bigmodel.core.errors import (
+    INTERNAL_ERROR,
+    MODEL_ERROR,
+    TRANSIENT_ERROR,
+    PermanentError,
+    RetryableError,
+)
+from bigmodel.core.status import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request as the runner sees it."""
+
+    id: int
+    input: dict[str, Any]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    id: int
+    output: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    #: Set when a transient fault (storage outage, CUDA OOM) hit this item: try it again later.
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.retry_after_s is None
+
+
+class ModelRunner(Protocol):
+    """What one task's model file implements (see bigmodel/models/classify.py, generate.py)."""
+
+    task: Task
+    name: str
+
+    def decode(self, item: Item) -> Any:
+        """Fetch and decode one input; raise `PermanentError` for a bad one. Runs on a thread."""
+
+    def predict(self, decoded: Sequence[Any], params: Sequence[dict[str, Any]]) -> list[Any]:
+        """Run one batch; return one output per input, in order."""
+
+    def encode(self, output: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """Turn one output into its JSON result."""
+
+    def batch_key(self, decoded: Any, params: dict[str, Any]) -> tuple:
+        """Items with equal keys may share a batch; the sort key orders items within a group."""
+
+
+class Hooks:
+    """No-op hooks; subclass for metrics, timing or logging. A failing hook is logged only."""
+
+    def before_batch(self, model: str, size: int) -> None: ...
+
+    def after_batch(self, model: str, size: int, seconds: float) -> None: ...
+
+    def after_item(self, model: str, result: ItemResult) -> None: ...
+
+
+def _call_hook(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("hook %s failed; ignored", getattr(fn, "__qualname__", fn))
+
+
+def split_batches(
+    keys: Sequence[tuple], *, max_batch_size: int
+) -> list[list[int]]:
+    """Group item positions by key (first element: compatibility, rest: sort order).
+
+    Items whose first key element differs never share a batch; within a group items are sorted
+    by the rest of the key (prompt length for generation, so padding stays small) and cut into
+    batches of at most `max_batch_size`.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    groups: dict[Any, list[int]] = {}
+    for pos, key in enumerate(keys):
+        groups.setdefault(key[0] if key else None, []).append(pos)
+    batches: list[list[int]] = []
+    for positions in groups.values():
+        positions.sort(key=lambda p: keys[p][1:])
+        for start in range(0, len(positions), max_batch_size):
+            batches.append(positions[start : start + max_batch_size])
+    return batches
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, PermanentError):
+        return exc.as_dict()
+    if isinstance(exc, RetryableError):
+        return {"code": TRANSIENT_ERROR, "message": str(exc)[:2000]}
+    return {"code": MODEL_ERROR, "message": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+class RunLoop:
+    """Runs items through one model runner, isolating failures per item.
+
+    Decoding (fetching images, tokenizing) runs on a thread pool so I/O overlaps compute. Nothing
+    raises out of `run`: a permanent error fails only the item it came from (a failed batch is
+    re-run item by item to find the culprit), a transient one marks its items for a later retry.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        max_batch_size: int,
+        decode_threads: int = 8,
+        hooks: Hooks | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.hooks = hooks or Hooks()
+        self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _decode(self, item: Item) -> tuple[Any, ItemResult | None]:
+        try:
+            return self.runner.decode(item), None
+        except RetryableError as exc:
+            return None, ItemResult(item.id, error=_error(exc), retry_after_s=exc.delay_s)
+        except Exception as exc:
+            return None, ItemResult(item.id, error=_error(exc))
+
+    def run(self, items: Sequence[Item]) -> list[ItemResult]:
+        """Return one result per item, in input order."""
+        results: dict[int, ItemResult] = {}
+        decoded = list(self._pool.map(self._decode, items))
+        ready: list[int] = []
+        for pos, (_value, failed) in enumerate(decoded):
+            if failed is not None:
+                results[pos] = failed
+            else:
+                ready.append(pos)
+        keys = [self.runner.batch_key(decoded[p][0], items[p].params) for p in ready]
+        for batch in split_batches(keys, max_batch_size=self.max_batch_size):
+            positions = [ready[b] for b in batch]
+            for pos, res in zip(positions, self._run_batch(positions, items, decoded), strict=True):
+                results[pos] = res
+        out = [results[pos] for pos in range(len(items))]
+        for res in out:
+            _call_hook(self.hooks.after_item, self.runner.name, res)
+        return out
+
+    def _run_batch(self, positions, items, decoded) -> list[ItemResult]:
+        inputs = [decoded[p][0] for p in positions]
+        params = [items[p].params for p in positions]
+        _call_hook(self.hooks.before_batch, self.runner.name, len(inputs))
+        started = time.monotonic()
+        try:
+            outputs = self.runner.predict(inputs, params)
+            if len(outputs) != len(inputs):
+                raise PermanentError(
+                    INTERNAL_ERROR,
+                    f"model {self.runner.name!r} returned {len(outputs)} outputs "
+                    f"for {len(inputs)} inputs",
+                )
+        except RetryableError as exc:
+            log.warning("batch of %d hit a transient fault: %s", len(positions), exc)
+            return [ItemResult(items[p].id, error=_error(exc), retry_after_s=exc.delay_s)
+                    for p in positions]
+        except Exception as exc:
+            if len(positions) > 1:
+                # One bad item must not fail its batch-mates: run each alone to find it.
+                log.warning("batch of %d failed (%s); retrying items one by one",
+                            len(positions), exc)
+                return [r for p in positions for r in self._run_batch([p], items, decoded)]
+            log.exception("item %s failed in predict", items[positions[0]].id)
+            return [ItemResult(items[positions[0]].id, error=_error(exc))]
+        finally:
+            _call_hook(self.hooks.after_batch, self.runner.name, len(inputs),
+                       time.monotonic() - started)
+        results = []
+        for p, out, prm in zip(positions, outputs, params, strict=True):
+            try:
+                results.append(ItemResult(items[p].id, output=self.runner.encode(out, prm)))
+            except Exception as exc:
+                results.append(ItemResult(items[p].id, error=_error(exc)))
+        return results

@@ -1,0 +1,1 @@
+"""The ledger: SQLAlchemy models and the repository producers and workers share."""

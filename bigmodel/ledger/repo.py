@@ -1,0 +1,363 @@
+"""The repository: every read and write producers and workers make to the ledger.
+
+Writes are guarded by status so that they are idempotent: a request is claimed only while
+`queued`, a result is written only while it is `running`, and a batch becomes final only once.
+Redeliveries of a message therefore change nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from bigmodel.core.errors import BATCH_CANCELLED, ConfigError, NotFound
+from bigmodel.core.requests import ModelRef, RequestSpec
+from bigmodel.core.runner import Item
+from bigmodel.core.status import BATCH_FINAL, COUNT_KEYS, BatchStatus, RequestStatus, Task
+from bigmodel.ledger.db import make_sessionmaker
+from bigmodel.ledger.models import BatchRow, ModelRow, RequestRow, utcnow
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_INSERT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    task: Task
+    source: str
+    arch: str | None
+    batch_size: int
+    options: dict[str, Any]
+    created_at: datetime
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.task, self.version)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "task": str(self.task),
+            "source": self.source, "arch": self.arch, "batch_size": self.batch_size,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    id: str
+    status: BatchStatus
+    counts: dict[str, int]
+    created_at: datetime
+    finished_at: datetime | None
+    input_key: str | None
+    output_key: str | None
+    errors_key: str | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in BATCH_FINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": str(self.status),
+            "counts": self.counts,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "input_key": self.input_key,
+            "output_key": self.output_key,
+            "errors_key": self.errors_key,
+        }
+
+
+@dataclass(frozen=True)
+class Claimed:
+    batch_id: str
+    item: Item
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request's final result as a worker reports it."""
+
+    id: int
+    status: RequestStatus
+    output: dict[str, Any] | None = None
+    output_key: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    line: int
+    custom_id: str
+    status: str
+    output: dict[str, Any] | None
+    output_key: str | None
+    error_code: str | None
+    error_message: str | None
+
+
+def _model_info(row: ModelRow) -> ModelInfo:
+    return ModelInfo(row.name, row.version, Task(row.task), row.source, row.arch,
+                     row.batch_size, dict(row.options or {}), row.created_at)
+
+
+class Ledger:
+    def __init__(self, engine: Engine, *, tenant: str = "default") -> None:
+        self.engine = engine
+        self.tenant = tenant
+        self.Session = make_sessionmaker(engine)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def register_model(
+        self, name: str, *, task: Task | str, source: str, arch: str | None = None,
+        batch_size: int = 32, options: dict[str, Any] | None = None,
+    ) -> ModelInfo:
+        """Register `name` at the next version (1 for a new name)."""
+        if not MODEL_NAME.match(name):
+            raise ConfigError(
+                f"model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)"
+            )
+        if not 1 <= batch_size <= 4096:
+            raise ConfigError(f"batch size {batch_size}: must be between 1 and 4096")
+        task = Task(task)
+        for _ in range(3):
+            with self.Session.begin() as s:
+                latest = s.scalar(select(func.max(ModelRow.version)).where(
+                    ModelRow.tenant == self.tenant, ModelRow.name == name))
+                row = ModelRow(tenant=self.tenant, name=name, version=(latest or 0) + 1,
+                               task=str(task), source=source, arch=arch,
+                               batch_size=batch_size, options=options or {})
+                try:
+                    s.add(row)
+                    s.flush()
+                except IntegrityError:  # a concurrent register took the version: try the next
+                    s.rollback()
+                    continue
+                return _model_info(row)
+        raise ConfigError(f"could not register {name!r}: concurrent registrations")
+
+    def list_models(self) -> list[ModelInfo]:
+        """The latest version of every model name."""
+        with self.Session() as s:
+            rows = s.scalars(select(ModelRow).where(ModelRow.tenant == self.tenant)
+                             .order_by(ModelRow.name, ModelRow.version)).all()
+        latest: dict[str, ModelInfo] = {}
+        for row in rows:
+            latest[row.name] = _model_info(row)
+        return list(latest.values())
+
+    def get_model(self, name: str, version: int | None = None) -> ModelInfo:
+        with self.Session() as s:
+            q = select(ModelRow).where(ModelRow.tenant == self.tenant, ModelRow.name == name)
+            q = q.where(ModelRow.version == version) if version else q
+            row = s.scalars(q.order_by(ModelRow.version.desc()).limit(1)).first()
+        if row is None:
+            known = ", ".join(m.name for m in self.list_models()) or "none registered"
+            raise NotFound(f"model {name!r} is not registered (known: {known}); "
+                           "register it with `bigmodel models register`")
+        return _model_info(row)
+
+    def model_refs(self) -> dict[str, ModelRef]:
+        return {m.name: m.ref for m in self.list_models()}
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def create_batch(
+        self, batch_id: str, specs: Sequence[RequestSpec], *, input_key: str | None,
+        versions: dict[str, int], metadata: dict[str, Any] | None = None,
+    ) -> list[tuple[int, str]]:
+        """Insert the batch and all its request rows in one transaction.
+
+        Returns `(request_id, model)` in submission order, for enqueueing.
+        """
+        now = utcnow()
+        with self.Session.begin() as s:
+            s.add(BatchRow(id=batch_id, tenant=self.tenant, status=str(BatchStatus.QUEUED),
+                           total=len(specs), input_key=input_key, metadata_=metadata or {},
+                           created_at=now))
+            s.flush()
+            ids: list[int] = []
+            for start in range(0, len(specs), _INSERT_CHUNK):
+                rows = [
+                    {"batch_id": batch_id, "tenant": self.tenant, "line": sp.line,
+                     "custom_id": sp.custom_id, "model": sp.model,
+                     "model_version": versions.get(sp.model, 1), "task": str(sp.task),
+                     "input": sp.input, "params": sp.params,
+                     "status": str(RequestStatus.QUEUED), "attempts": 0, "created_at": now}
+                    for sp in specs[start : start + _INSERT_CHUNK]
+                ]
+                stmt = insert(RequestRow).returning(RequestRow.id, sort_by_parameter_order=True)
+                ids.extend(s.scalars(stmt, rows).all())
+        return [(rid, sp.model) for rid, sp in zip(ids, specs, strict=True)]
+
+    # -- worker side --------------------------------------------------------------------------
+
+    def claim(self, ids: Sequence[int], *, worker: str) -> list[Claimed]:
+        """Move the still-queued requests among `ids` to running; return them with their batch.
+
+        Requests already claimed, finished or cancelled are left alone, so a redelivered message
+        claims nothing.
+        """
+        if not ids:
+            return []
+        now = utcnow()
+        t = RequestRow.__table__
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(t)
+                .where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.QUEUED))
+                .values(status=str(RequestStatus.RUNNING), attempts=t.c.attempts + 1,
+                        started_at=now, worker=worker)
+                .returning(t.c.id, t.c.batch_id, t.c.input, t.c.params, t.c.attempts)
+            ).all()
+            batch_ids = {r.batch_id for r in rows}
+            if batch_ids:
+                b = BatchRow.__table__
+                conn.execute(update(b).where(b.c.id.in_(batch_ids),
+                                             b.c.status == str(BatchStatus.QUEUED))
+                             .values(status=str(BatchStatus.IN_PROGRESS), started_at=now))
+        order = {rid: i for i, rid in enumerate(ids)}
+        rows = sorted(rows, key=lambda r: order[r.id])
+        return [Claimed(r.batch_id, Item(r.id, dict(r.input), dict(r.params or {})), r.attempts)
+                for r in rows]
+
+    def release(self, ids: Sequence[int]) -> int:
+        """Put running requests back to queued (a transient fault; they will be tried again)."""
+        if not ids:
+            return 0
+        t = RequestRow.__table__
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(t).where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.RUNNING))
+                .values(status=str(RequestStatus.QUEUED), worker=None)
+            ).rowcount
+
+    def finish(self, results: Sequence[Finished]) -> int:
+        """Write final results in one statement; only rows still `running` change."""
+        if not results:
+            return 0
+        t = RequestRow.__table__
+        stmt = (
+            update(t)
+            .where(t.c.id == bindparam("b_id"), t.c.status == str(RequestStatus.RUNNING))
+            .values(status=bindparam("b_status"), output=bindparam("b_output"),
+                    output_key=bindparam("b_output_key"), error_code=bindparam("b_code"),
+                    error_message=bindparam("b_message"), finished_at=bindparam("b_now"))
+        )
+        now = utcnow()
+        params = [
+            {"b_id": r.id, "b_status": str(r.status), "b_output": r.output,
+             "b_output_key": r.output_key, "b_code": r.error_code, "b_message": r.error_message,
+             "b_now": now}
+            for r in results
+        ]
+        with self.engine.begin() as conn:
+            return conn.execute(stmt, params).rowcount
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _batch_row(self, s, batch_id: str) -> BatchRow:
+        row = s.get(BatchRow, batch_id)
+        if row is None or row.tenant != self.tenant:
+            raise NotFound(f"batch {batch_id!r} not found")
+        return row
+
+    def counts(self, batch_id: str) -> dict[str, int]:
+        with self.Session() as s:
+            return self._counts(s, batch_id)
+
+    def _counts(self, s, batch_id: str) -> dict[str, int]:
+        counts = dict.fromkeys(COUNT_KEYS, 0)
+        for status, n in s.execute(
+            select(RequestRow.status, func.count()).where(RequestRow.batch_id == batch_id)
+            .group_by(RequestRow.status)
+        ):
+            counts[status] = n
+            counts["total"] += n
+        return counts
+
+    def get_batch(self, batch_id: str) -> BatchInfo:
+        with self.Session() as s:
+            row = self._batch_row(s, batch_id)
+            return BatchInfo(row.id, BatchStatus(row.status), self._counts(s, batch_id),
+                             row.created_at, row.finished_at, row.input_key, row.output_key,
+                             row.errors_key)
+
+    def list_batches(self, *, limit: int = 20) -> list[BatchInfo]:
+        with self.Session() as s:
+            ids = s.scalars(select(BatchRow.id).where(BatchRow.tenant == self.tenant)
+                            .order_by(BatchRow.created_at.desc()).limit(limit)).all()
+        return [self.get_batch(i) for i in ids]
+
+    def iter_results(self, batch_id: str, *, page: int = 1000) -> Iterator[ResultRow]:
+        """Every request of the batch in submission order, paged by line."""
+        with self.Session() as s:
+            self._batch_row(s, batch_id)
+        last = 0
+        cols = (RequestRow.line, RequestRow.custom_id, RequestRow.status, RequestRow.output,
+                RequestRow.output_key, RequestRow.error_code, RequestRow.error_message)
+        while True:
+            with self.Session() as s:
+                rows = s.execute(select(*cols).where(RequestRow.batch_id == batch_id,
+                                                     RequestRow.line > last)
+                                 .order_by(RequestRow.line).limit(page)).all()
+            if not rows:
+                return
+            for r in rows:
+                yield ResultRow(*r)
+            last = rows[-1].line
+
+    def unfinished(self, batch_id: str) -> int:
+        with self.Session() as s:
+            return s.scalar(select(func.count()).where(
+                RequestRow.batch_id == batch_id,
+                RequestRow.status.in_([str(RequestStatus.QUEUED), str(RequestStatus.RUNNING)])))
+
+    # -- batch state --------------------------------------------------------------------------
+
+    def cancel(self, batch_id: str) -> int:
+        """Cancel every queued request at once and mark the batch cancelling; return how many."""
+        now = utcnow()
+        with self.Session.begin() as s:
+            row = self._batch_row(s, batch_id)
+            if BatchStatus(row.status) in BATCH_FINAL:
+                return 0
+            n = s.execute(
+                update(RequestRow)
+                .where(RequestRow.batch_id == batch_id,
+                       RequestRow.status == str(RequestStatus.QUEUED))
+                .values(status=str(RequestStatus.CANCELLED), error_code=BATCH_CANCELLED,
+                        error_message="the batch was cancelled before this request ran",
+                        finished_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            row.status = str(BatchStatus.CANCELLING)
+            row.cancelled_at = now
+        return n
+
+    def mark_final(self, batch_id: str, *, output_key: str, errors_key: str) -> BatchStatus | None:
+        """Move an unfinished batch to its final status once; None if another writer did."""
+        with self.Session.begin() as s:
+            row = s.get(BatchRow, batch_id, with_for_update=True)
+            if row is None or BatchStatus(row.status) in BATCH_FINAL:
+                return None
+            final = (BatchStatus.CANCELLED if row.status == BatchStatus.CANCELLING
+                     else BatchStatus.COMPLETED)
+            row.status = str(final)
+            row.output_key = output_key
+            row.errors_key = errors_key
+            row.finished_at = utcnow()
+            return final

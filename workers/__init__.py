@@ -1,0 +1,1 @@
+"""The worker side: start-up (device, model load), the batching consumer and persistence."""
