@@ -6,12 +6,11 @@ skipping.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
-
-import logging
 
 import pytest
 

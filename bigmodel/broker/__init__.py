@@ -82,7 +82,9 @@ def enqueue(app: Celery, messages: Sequence[tuple[str, dict[str, Any]]]) -> None
             app.send_task(TASK_RUN_CHUNK, args=[message], queue=queue, producer=producer)
 
 
-def chunk_ids(pairs: Sequence[tuple[int, str]], sizes: dict[str, int]) -> list[tuple[str, list[int]]]:
+def chunk_ids(
+    pairs: Sequence[tuple[int, str]], sizes: dict[str, int]
+) -> list[tuple[str, list[int]]]:
     """Group `(request_id, model)` pairs into per-model chunks of the model's batch size."""
     by_model: dict[str, list[int]] = {}
     for rid, model in pairs:

@@ -16,10 +16,6 @@ from typing import Any
 
 import torch
 import torchvision
-
-# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the decoders
-# that run on the GPU too (decode_jpeg(device="cuda")), so we keep them and silence the notice.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms._presets import ImageClassification
@@ -38,6 +34,10 @@ from bigmodel.models.source import resolve_source
 from bigmodel.storage.fetch import Fetcher
 
 TORCHVISION_PREFIX = "torchvision:"
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the decoders
+# that run on the GPU too (decode_jpeg(device="cuda")), so we keep them and silence the notice.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
 
 
 def default_transform(arch: str):

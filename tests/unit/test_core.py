@@ -19,7 +19,8 @@ def test_pure_core_and_producer_import_without_torch():
     code = (
         "import sys, bigmodel.core.requests, bigmodel.core.runner, bigmodel.core.results, "
         "bigmodel.core.settings, bigmodel.core.status\n"
-        "heavy = {'torch', 'transformers', 'torchvision', 'sqlalchemy', 'celery', 'boto3', 'redis'}\n"
+        "heavy = {'torch', 'transformers', 'torchvision', 'sqlalchemy', 'celery', 'boto3',"
+        " 'redis'}\n"
         "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
         "import producer, producer.cli, bigmodel.ledger.repo, bigmodel.broker, bigmodel.storage\n"
         "assert not {'torch', 'transformers', 'torchvision', 'workers'} & set(sys.modules)\n"
