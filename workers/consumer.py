@@ -69,7 +69,8 @@ class BatchingConsumer:
                      conn.as_uri())
             # Enough prefetched messages to fill one batch (chunks are at most a batch).
             consumer = Consumer(conn, queues=queues, callbacks=[self._on_message],
-                                accept=["json"], prefetch_count=max(2, self.max_batch_size))
+                                accept=["json"], on_decode_error=self._on_decode_error,
+                                prefetch_count=max(2, self.max_batch_size))
             with consumer:
                 while not self.stop.is_set():
                     self._drain(conn)
@@ -90,6 +91,12 @@ class BatchingConsumer:
             conn.drain_events(timeout=max(timeout, 0.001))
         except TimeoutError:
             pass
+
+    def _on_decode_error(self, message: Message, exc: Exception) -> None:
+        """Pickle or other content we do not accept, or bytes that do not decode: drop it."""
+        log.error("rejecting undecodable message (%s, %s): %s", message.content_type,
+                  message.delivery_tag, exc)
+        message.reject(requeue=False)
 
     def _on_message(self, body, message: Message) -> None:
         task = message.headers.get("task")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import time
 from datetime import UTC, datetime
 
 import boto3
@@ -195,7 +196,6 @@ def test_bad_submission_is_rejected_whole(stack, redis_client):
     assert "holds no requests" in stack.cli("submit", str(empty), check=False).stderr
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_cancel_leaves_no_queued_request(stack):
     reqs = [{"custom_id": f"q{i}", "model": "gen", "input": {"prompt": "Hello"},
              "params": {"max_new_tokens": 100}} for i in range(60)]
@@ -212,9 +212,9 @@ def test_cancel_leaves_no_queued_request(stack):
     # Cancelled while a worker is busy with it: running requests finish, none stays queued.
     stack.start_worker("gen", extra=("--max-batch-size", "2"))
     busy = stack.cli("submit", str(path)).stdout.strip()
-    deadline = __import__("time").monotonic() + 120
+    deadline = time.monotonic() + 120
     while stack.cli_json("status", busy)["counts"]["succeeded"] == 0:
-        assert __import__("time").monotonic() < deadline
+        assert time.monotonic() < deadline
     cancelled = stack.cli_json("cancel", busy)
     assert cancelled["counts"]["queued"] == 0
     assert cancelled["status"] in {"cancelling", "cancelled"}
@@ -225,3 +225,30 @@ def test_cancel_leaves_no_queued_request(stack):
     assert c["succeeded"] >= 1 and c["cancelled"] >= 1 and c["succeeded"] + c["cancelled"] == 60
     # The idle batch's stale messages, consumed by the worker, changed nothing.
     assert stack.cli_json("status", idle)["counts"]["cancelled"] == 60
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_worker_drops_pickle_and_malformed_messages_and_goes_on(stack, redis_client):
+    from kombu import Connection
+
+    stack.start_worker("gen")
+    with Connection(stack.env["BIGMODEL_BROKER_URL"]) as conn:
+        producer = conn.Producer()
+        producer.publish({"v": 1, "batch_id": "b", "model": "gen", "ids": [1]},
+                         routing_key="bigmodel.model.gen", serializer="pickle",
+                         headers={"task": "bigmodel.run_chunk"})
+        producer.publish([[{"v": 1, "ids": "not a list"}], {}, {}],
+                         routing_key="bigmodel.model.gen", serializer="json",
+                         headers={"task": "bigmodel.run_chunk"})
+        producer.publish([[], {}, {}], routing_key="bigmodel.model.gen", serializer="json",
+                         headers={"task": "os.system"})
+    path = stack.home / "ok.jsonl"
+    path.write_text(json.dumps({"custom_id": "a", "model": "gen", "input": {"prompt": "hi"},
+                                "params": {"max_new_tokens": 2}}) + "\n")
+    info = json.loads(stack.cli("submit", str(path), "--wait", "--json").stdout)
+    assert info["status"] == "completed" and info["counts"]["succeeded"] == 1
+    log = (stack.home / "worker-w1.log").read_text()
+    assert "rejecting undecodable message (application/x-python-serialize" in log
+    assert "rejecting malformed message" in log and "unexpected task 'os.system'" in log
+    assert redis_client.llen("bigmodel.model.gen") == 0
+    assert all(p.poll() is None for p in stack.workers)
