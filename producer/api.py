@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel.broker import chunk_ids, chunk_message, enqueue, make_celery, queue_name
+from bigmodel.core.batching import PRIORITIES
 from bigmodel.core.errors import BigModelError, LineError, SubmissionRejected
 from bigmodel.core.requests import parse_submission
 from bigmodel.core.settings import Settings, get_settings
@@ -69,13 +70,15 @@ class Client:
     # -- submission ---------------------------------------------------------------------------
 
     def submit(self, source: str | Path | bytes | Iterable[Mapping[str, Any]], *,
-               metadata: dict[str, Any] | None = None) -> BatchInfo:
+               metadata: dict[str, Any] | None = None, priority: str = "normal") -> BatchInfo:
         """Submit a JSONL file (path or bytes) or an iterable of request dicts.
 
         Every line is validated first; any bad line raises `SubmissionRejected` listing each bad
         line, and nothing is stored or enqueued. Then the input file is stored, the ledger rows
         are written in one transaction, and only then are chunks enqueued.
         """
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority {priority!r}: use one of {', '.join(PRIORITIES)}")
         data = self._read(source)
         models = self.ledger.list_models()
         specs = parse_submission(
@@ -87,11 +90,12 @@ class Client:
         input_key = batch_key(self.settings.tenant, batch_id, "input.jsonl")
         self.storage.put(input_key, data, content_type="application/jsonl")
         pairs = self.ledger.create_batch(
-            batch_id, specs, input_key=input_key, metadata=metadata,
+            batch_id, specs, input_key=input_key, metadata=metadata, priority=priority,
             versions={m.name: m.version for m in models},
         )
         sizes = {m.name: m.batch_size for m in models}
-        messages = [(queue_name(model), chunk_message(batch_id, model, ids))
+        messages = [(queue_name(model, priority),
+                     chunk_message(batch_id, model, ids, priority=priority))
                     for model, ids in chunk_ids(pairs, sizes)]
         try:
             enqueue(self.celery, messages)

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a JSONL file of requests; prints the batch id")
     s.add_argument("file", help='JSONL, one {"custom_id","model","input","params"} per line')
     s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    s.add_argument("--priority", choices=["high", "normal", "low"], default="normal",
+                   help="high is served before queued normal and low work (default: normal)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("status", help="a batch's status and request counts")
@@ -110,7 +112,7 @@ def _print_json(obj: Any) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client()
-    info = client.submit(args.file)
+    info = client.submit(args.file, priority=args.priority)
     if args.wait:
         info = wait_with_progress(client, info.id, quiet=args.json)
     if args.json:

@@ -2,10 +2,14 @@
 
 Celery has no dynamic batching, and running one Celery task per chunk would cap a batch at one
 message. So the worker consumes its queues with kombu on the Celery app's own connection and
-message protocol: it gathers messages until `max_batch_size` requests are pending or
-`max_wait_s` has passed since the first one arrived, runs them as one batch, persists the
-results, and only then acknowledges the messages (at-least-once; the ledger makes results
-exactly-once). See docs/architecture.md for the reasoning.
+message protocol, and `bigmodel.core.batching.collate` decides when pending messages form a
+batch: `max_batch_size` requests, `max_wait_s` since the oldest arrived, or at once for high
+priority. See docs/architecture.md for the reasoning.
+
+Three things overlap: while the model thread runs batch N, this thread claims and decodes batch
+N+1 (inputs fetched on the decode pool) and persists batch N-1's results. Messages are
+acknowledged only after their results are in the ledger (at-least-once; the ledger makes
+results exactly-once).
 """
 
 from __future__ import annotations
@@ -13,28 +17,43 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu import Consumer, Message, Queue
 
 from bigmodel.broker import TASK_RUN_CHUNK, parse_message, queue_name
+from bigmodel.core.batching import PRIORITIES, Chunk, collate
+from bigmodel.core.runner import ItemResult, Prepared
+from bigmodel.ledger.repo import Claimed
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Pending:
-    messages: list[tuple[Message, str, list[int]]] = field(default_factory=list)
-    items: int = 0
-    first_at: float | None = None
+class PendingMessage:
+    message: Message
+    chunk: Chunk
+    ids: list[int]
 
-    def add(self, message: Message, model: str, ids: list[int]) -> None:
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-        self.messages.append((message, model, ids))
-        self.items += len(ids)
+
+@dataclass
+class Work:
+    """One batch in flight: its messages, what was claimed, and the model's future."""
+
+    model: str
+    priority: str
+    messages: list[Message]
+    claimed: list[Claimed]
+    prepared: Prepared | None
+    future: Future[list[ItemResult]] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def items(self) -> int:
+        return len(self.claimed)
 
 
 class BatchingConsumer:
@@ -46,51 +65,125 @@ class BatchingConsumer:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.stop = stop or threading.Event()
-        self.pending = Pending()
+        self.pending: list[PendingMessage] = []
+        self.inflight: list[Work] = []
+        # One thread runs every model: CUDA and most models are not safe to share across threads.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.connection_errors = app.connection_for_read().connection_errors
 
     def run(self) -> None:
         """Consume until `stop` is set; reconnect to the broker after a connection loss."""
         backoff = 1.0
-        while not self.stop.is_set():
-            try:
-                self._run_connected()
-                backoff = 1.0
-            except self.app.connection_for_read().connection_errors as exc:
-                log.warning("broker connection lost (%s); reconnecting in %.0fs", exc, backoff)
-                self.pending = Pending()  # unacked messages come back through the broker
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._run_connected()
+                    backoff = 1.0
+                except self.connection_errors as exc:
+                    log.warning("broker connection lost (%s); reconnecting in %.0fs", exc,
+                                backoff)
+                    self._drop_inflight()
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            self.model_thread.shutdown(wait=True)
 
     def _run_connected(self) -> None:
-        queues = [Queue(queue_name(m), routing_key=queue_name(m)) for m in self.models]
+        # High first: with the Redis transport's 'priority' queue order, BRPOP lists the queues
+        # in this order, so high-priority messages are always popped before bulk work.
+        queues = [Queue(queue_name(m, p), routing_key=queue_name(m, p))
+                  for p in PRIORITIES for m in self.models]
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=3)
-            log.info("consuming %s from %s", ", ".join(q.name for q in queues),
-                     conn.as_uri())
-            # Enough prefetched messages to fill one batch (chunks are at most a batch).
+            log.info("consuming %s from %s", ", ".join(q.name for q in queues), conn.as_uri())
+            # Enough prefetched messages to fill the next batch while one runs.
             consumer = Consumer(conn, queues=queues, callbacks=[self._on_message],
                                 accept=["json"], on_decode_error=self._on_decode_error,
-                                prefetch_count=max(2, self.max_batch_size))
+                                prefetch_count=max(4, 2 * self.max_batch_size))
             with consumer:
-                while not self.stop.is_set():
-                    self._drain(conn)
-                    if self.pending.messages and self._ready():
-                        self._flush()
+                while not (self.stop.is_set() and not self.inflight):
+                    self._step(conn)
+                # Stopping: messages pending but never claimed go back to their queues.
+                for p in self.pending:
+                    p.message.requeue()
+                self.pending = []
 
-    def _ready(self) -> bool:
-        p = self.pending
-        waited = time.monotonic() - (p.first_at or time.monotonic())
-        return p.items >= self.max_batch_size or waited >= self.max_wait_s or self.stop.is_set()
-
-    def _drain(self, conn) -> None:
-        if self.pending.first_at is None:
-            timeout = 1.0
-        else:
-            timeout = max(0.0, self.max_wait_s - (time.monotonic() - self.pending.first_at))
+    def _step(self, conn) -> None:
+        self._reap()
+        self.runtime.publish_due()
+        wait_s = 1.0
+        if not self.stop.is_set() and len(self.inflight) < 2:
+            decision = collate([p.chunk for p in self.pending], max_items=self.max_batch_size,
+                               max_wait_s=self.max_wait_s, now=time.monotonic())
+            if decision.take:
+                self._launch(decision.take)
+                return
+            if decision.wait_s is not None:
+                wait_s = decision.wait_s
+        if self.inflight:
+            wait_s = min(wait_s, 0.005)
         try:
-            conn.drain_events(timeout=max(timeout, 0.001))
+            conn.drain_events(timeout=max(wait_s, 0.001))
         except TimeoutError:
             pass
+
+    def _launch(self, take: list[int]) -> None:
+        chosen = [self.pending[i] for i in take]
+        chosen_ids = {id(p) for p in chosen}
+        self.pending = [p for p in self.pending if id(p) not in chosen_ids]
+        model = chosen[0].chunk.model
+        priority = min((p.chunk.priority for p in chosen), key=PRIORITIES.index)
+        ids = [i for p in chosen for i in p.ids]
+        messages = [p.message for p in chosen]
+        try:
+            claimed, prepared = self.runtime.start(model, ids)
+        except Exception:
+            log.exception("claiming %d requests failed; requeueing their messages", len(ids))
+            for m in messages:
+                m.requeue()
+            self.stop.wait(2.0)
+            return
+        work = Work(model, priority, messages, claimed, prepared)
+        if prepared is not None:
+            work.future = self.model_thread.submit(self.runtime.compute, model, prepared)
+        self.inflight.append(work)
+
+    def _reap(self) -> None:
+        """Persist and acknowledge finished batches, oldest first."""
+        while self.inflight and (self.inflight[0].future is None
+                                 or self.inflight[0].future.done()):
+            work = self.inflight.pop(0)
+            try:
+                results = work.future.result() if work.future is not None else []
+                self.runtime.finish(work.model, work.claimed, results, priority=work.priority)
+            except Exception:
+                # Results not persisted (database or storage down): hand the messages back.
+                log.exception("persisting %d requests failed; requeueing their messages",
+                              work.items)
+                for m in work.messages:
+                    m.requeue()
+                self.stop.wait(2.0)
+                continue
+            for m in work.messages:
+                m.ack()
+            log.info("processed %d requests from %d messages in %.2fs (model %s)", work.items,
+                     len(work.messages), time.monotonic() - work.started, work.model)
+
+    def _drop_inflight(self) -> None:
+        """After a broker loss the messages come back through the broker: release the claims."""
+        for work in self.inflight:
+            if work.future is not None:
+                work.future.cancel()
+                try:
+                    results = work.future.result()
+                    self.runtime.finish(work.model, work.claimed, results,
+                                        priority=work.priority)
+                    continue
+                except Exception:
+                    pass
+            self.runtime.abort(work.claimed)
+        self.inflight = []
+        self.pending = []
 
     def _on_decode_error(self, message: Message, exc: Exception) -> None:
         """Pickle or other content we do not accept, or bytes that do not decode: drop it."""
@@ -104,34 +197,13 @@ class BatchingConsumer:
             if task != TASK_RUN_CHUNK:
                 raise ValueError(f"unexpected task {task!r}")
             args = body[0] if isinstance(body, list | tuple) else body.get("args")
-            batch_id, model, ids = parse_message(args[0])
+            batch_id, model, ids, priority = parse_message(args[0])
             if model not in self.models:
                 raise ValueError(f"model {model!r} is not loaded here")
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             # Unreadable forever: drop it loudly rather than redeliver it forever.
             log.error("rejecting malformed message %s: %s", message.delivery_tag, exc)
             message.reject(requeue=False)
             return
-        self.pending.add(message, model, ids)
-
-    def _flush(self) -> None:
-        pending, self.pending = self.pending, Pending()
-        by_model: dict[str, list[int]] = {}
-        for _, model, ids in pending.messages:
-            by_model.setdefault(model, []).extend(ids)
-        started = time.monotonic()
-        try:
-            for model, ids in by_model.items():
-                self.runtime.process(model, ids)
-        except Exception:
-            # Results not persisted (database or storage down): hand the messages back.
-            log.exception("processing %d requests failed; requeueing their messages",
-                          pending.items)
-            for message, _, _ in pending.messages:
-                message.requeue()
-            self.stop.wait(2.0)
-            return
-        for message, _, _ in pending.messages:
-            message.ack()
-        log.info("processed %d requests from %d messages in %.2fs", pending.items,
-                 len(pending.messages), time.monotonic() - started)
+        self.pending.append(PendingMessage(
+            message, Chunk(model, len(ids), priority, time.monotonic()), ids))

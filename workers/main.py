@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
                    help="most requests in one forward pass (default: the model's registered "
                    "batch size)")
+    p.add_argument("--max-batch-tokens", type=int, default=32768, metavar="T",
+                   help="generation: most padded tokens (rows x (prompt + new tokens)) in one "
+                   "generate call (default: 32768)")
     p.add_argument("--max-wait-ms", type=float, default=20.0, metavar="M",
                    help="how long to wait for more messages to fill a batch (default: 20)")
     p.add_argument("--name", default=None,
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         print("error: --max-batch-size must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_batch_tokens < 1:
+        print("error: --max-batch-tokens must be at least 1", file=sys.stderr)
         return 2
     if args.max_wait_ms < 0:
         print("error: --max-wait-ms must be 0 or more", file=sys.stderr)
@@ -104,7 +110,7 @@ def build(args: argparse.Namespace):
         log.info("loading model %s v%d (%s from %s) on %s", info.name, info.version,
                  info.task, info.source, device)
         loops[name] = RunLoop(load_runner(info, device=device, settings=settings),
-                              max_batch_size=size)
+                              max_batch_size=size, max_batch_tokens=args.max_batch_tokens)
     worker_name = args.name or f"{socket.gethostname()}:{os.getpid()}"
     runtime = Runtime(settings=settings, ledger=ledger, storage=storage, app=app, loops=loops,
                       worker_name=worker_name)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError
 
 from bigmodel.broker import chunk_message, enqueue, queue_name
 from bigmodel.core.errors import INTERNAL_ERROR, RESULT_NOT_STORABLE
-from bigmodel.core.runner import ItemResult, RunLoop
+from bigmodel.core.runner import ItemResult, Prepared, RunLoop
 from bigmodel.core.settings import Settings
 from bigmodel.core.status import RequestStatus
 from bigmodel.ledger.finalize import finalize_batch
@@ -44,30 +44,61 @@ class Runtime:
         self.loops = loops
         self.worker_name = worker_name
         self.stats = Stats()
+        self.delayed: list[tuple[float, str, dict]] = []
 
     def process(self, model: str, ids: Sequence[int]) -> None:
-        """Claim, run and persist the requests `ids` of `model`; finish batches that are done.
+        """Claim, run and persist `ids` in one go (the consumer overlaps these steps)."""
+        claimed, prepared = self.start(model, ids)
+        if prepared is None:
+            self.finish(model, claimed, [])
+            return
+        try:
+            results = self.compute(model, prepared)
+        except Exception:
+            self.abort(claimed)
+            raise
+        self.finish(model, claimed, results)
 
-        Raises only on infrastructure faults (database, storage) before results are persisted,
-        in which case the caller must not acknowledge the messages.
-        """
+    def start(self, model: str, ids: Sequence[int]) -> tuple[list[Claimed], Prepared | None]:
+        """Claim the still-queued requests among `ids` and decode them (I/O, any thread)."""
         claimed = self.ledger.claim(ids, worker=self.worker_name)
+        if not claimed:
+            return claimed, None
+        try:
+            return claimed, self.loops[model].prepare([c.item for c in claimed])
+        except Exception:
+            self.abort(claimed)
+            raise
+
+    def compute(self, model: str, prepared: Prepared) -> list[ItemResult]:
+        """Run the model (the one thread that touches it)."""
+        return self.loops[model].execute(prepared)
+
+    def finish(self, model: str, claimed: Sequence[Claimed],
+               results: Sequence[ItemResult], *, priority: str = "normal") -> None:
+        """Persist results, then finish the batches with nothing left to run.
+
+        Raises on infrastructure faults (database, storage) after handing the requests back to
+        `queued`; the caller must then not acknowledge their messages.
+        """
         if claimed:
             try:
-                results = self.loops[model].run([c.item for c in claimed])
-                self._persist(model, claimed, results)
+                self._persist(model, claimed, results, priority)
             except Exception:
-                # Hand the requests back so the redelivered messages can claim them again.
-                try:
-                    self.ledger.release([c.item.id for c in claimed])
-                except Exception:
-                    log.exception("could not release %d claimed requests", len(claimed))
+                self.abort(claimed)
                 raise
         for batch_id in sorted({c.batch_id for c in claimed}):
             finalize_batch(self.ledger, self.storage, batch_id)
 
+    def abort(self, claimed: Sequence[Claimed]) -> None:
+        """Hand claimed requests back so the redelivered messages can claim them again."""
+        try:
+            self.ledger.release([c.item.id for c in claimed])
+        except Exception:
+            log.exception("could not release %d claimed requests", len(claimed))
+
     def _persist(self, model: str, claimed: Sequence[Claimed],
-                 results: Sequence[ItemResult]) -> None:
+                 results: Sequence[ItemResult], priority: str) -> None:
         by_id = {c.item.id: c for c in claimed}
         final: list[Finished] = []
         retry: list[int] = []
@@ -89,19 +120,31 @@ class Runtime:
         self.stats.succeeded += sum(f.status == RequestStatus.SUCCEEDED for f in final)
         self.stats.failed += sum(f.status == RequestStatus.FAILED for f in final)
         if retry:
-            # A transient fault (storage down, a URL timing out): back to queued and re-sent
-            # after a pause; the attempt count bounds it.
+            # A transient fault (storage down, a URL timing out): back to queued now, re-sent
+            # after a pause without blocking the worker; the attempt count bounds it. Should the
+            # worker die before re-sending, the requests are queued in the ledger for the
+            # reconciler.
             self.stats.retried += len(retry)
             log.warning("%d requests hit a transient fault; retrying in %.1fs", len(retry),
                         delay_s)
-            time.sleep(min(delay_s, 30.0))
             self.ledger.release(retry)
             batch_of = {c.item.id: c.batch_id for c in claimed}
             groups: dict[str, list[int]] = {}
             for rid in retry:
                 groups.setdefault(batch_of[rid], []).append(rid)
-            enqueue(self.app, [(queue_name(model), chunk_message(b, model, rids))
-                               for b, rids in groups.items()])
+            due = time.monotonic() + min(delay_s, 60.0)
+            for b, rids in groups.items():
+                self.delayed.append((due, queue_name(model, priority),
+                                     chunk_message(b, model, rids, priority=priority)))
+
+    def publish_due(self, now: float | None = None) -> None:
+        """Send the retries whose pause is over."""
+        now = time.monotonic() if now is None else now
+        due = [d for d in self.delayed if d[0] <= now]
+        if not due:
+            return
+        enqueue(self.app, [(q, m) for _, q, m in due])
+        self.delayed = [d for d in self.delayed if d[0] > now]
 
     def _finish(self, final: list[Finished]) -> None:
         """One statement for the batch; if the database refuses a value, isolate and fail it."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from bigmodel.core.batching import PRIORITIES
 from bigmodel.core.settings import Settings
 
 TASK_RUN_CHUNK = "bigmodel.run_chunk"
@@ -17,28 +18,41 @@ MESSAGE_VERSION = 1
 QUEUE_PREFIX = "bigmodel.model."
 
 
-def queue_name(model: str) -> str:
-    """One queue per registered model, so a worker pulls only work for models it has loaded."""
-    return QUEUE_PREFIX + model
+def queue_name(model: str, priority: str = "normal") -> str:
+    """One queue per registered model and priority, so a worker pulls only its models' work.
+
+    Priorities are separate queues (`bigmodel.model.<name>`, `...:high`, `...:low`) rather than
+    Redis's emulated message priorities; the worker lists them high first. ':' cannot occur in a
+    model name, so queue names never collide.
+    """
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    return QUEUE_PREFIX + model + ("" if priority == "normal" else f":{priority}")
 
 
-def chunk_message(batch_id: str, model: str, ids: Sequence[int]) -> dict[str, Any]:
+def chunk_message(batch_id: str, model: str, ids: Sequence[int], *,
+                  priority: str = "normal") -> dict[str, Any]:
     """A chunk of requests of one batch for one model.
 
     The message carries only request ids: the worker's claim (one UPDATE ... RETURNING) reads
     inputs and params from the ledger, which is the source of truth. Messages stay tiny whatever
     the inputs (data: URIs included), and a stale redelivery claims nothing.
     """
-    return {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids)}
+    return {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids),
+            "priority": priority}
 
 
-def parse_message(message: Any) -> tuple[str, str, list[int]]:
+def parse_message(message: Any) -> tuple[str, str, list[int], str]:
+    """`(batch_id, model, ids, priority)`; ValueError for anything else."""
     if not isinstance(message, dict) or message.get("v") != MESSAGE_VERSION:
         raise ValueError(f"unsupported message {str(message)[:200]!r}")
     ids = message["ids"]
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise ValueError("message ids must be a list of integers")
-    return str(message["batch_id"]), str(message["model"]), ids
+    priority = message.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}")
+    return str(message["batch_id"]), str(message["model"]), ids, priority
 
 
 def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
@@ -56,7 +70,10 @@ def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
         }
     elif settings.broker.startswith(("redis://", "rediss://")):
         # Above the longest chunk's run time, or Redis redelivers a message still being worked.
-        options = {"visibility_timeout": settings.visibility_timeout_s}
+        # 'priority' keeps queues in the order the worker lists them (high first) instead of
+        # rotating them, so a high-priority message is always popped before bulk work.
+        options = {"visibility_timeout": settings.visibility_timeout_s,
+                   "queue_order_strategy": "priority"}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

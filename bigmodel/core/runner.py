@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bigmodel.core.batching import split_batches
 from bigmodel.core.errors import (
     INTERNAL_ERROR,
     MODEL_ERROR,
@@ -48,6 +49,20 @@ class ItemResult:
         return self.error is None and self.retry_after_s is None
 
 
+@dataclass
+class Prepared:
+    """Items decoded and cut into batches, ready for the model."""
+
+    items: list[Item]
+    decoded: list[Any]
+    failed: dict[int, ItemResult]
+    batches: list[list[int]]
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
 class ModelRunner(Protocol):
     """What one task's model file implements (see bigmodel/models/classify.py, generate.py)."""
 
@@ -64,7 +79,9 @@ class ModelRunner(Protocol):
         """Turn one output into its JSON result."""
 
     def batch_key(self, decoded: Any, params: dict[str, Any]) -> tuple:
-        """Items with equal keys may share a batch; the sort key orders items within a group."""
+        """Items with equal first elements may share a batch; the rest orders them within it."""
+
+    # Optional: `cost(decoded, params) -> (rows, length)` for a token budget (see split_batches).
 
 
 class Hooks:
@@ -82,28 +99,6 @@ def _call_hook(fn: Callable[..., None], *args: Any) -> None:
         fn(*args)
     except Exception:
         log.exception("hook %s failed; ignored", getattr(fn, "__qualname__", fn))
-
-
-def split_batches(
-    keys: Sequence[tuple], *, max_batch_size: int
-) -> list[list[int]]:
-    """Group item positions by key (first element: compatibility, rest: sort order).
-
-    Items whose first key element differs never share a batch; within a group items are sorted
-    by the rest of the key (prompt length for generation, so padding stays small) and cut into
-    batches of at most `max_batch_size`.
-    """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    groups: dict[Any, list[int]] = {}
-    for pos, key in enumerate(keys):
-        groups.setdefault(key[0] if key else None, []).append(pos)
-    batches: list[list[int]] = []
-    for positions in groups.values():
-        positions.sort(key=lambda p: keys[p][1:])
-        for start in range(0, len(positions), max_batch_size):
-            batches.append(positions[start : start + max_batch_size])
-    return batches
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -127,13 +122,17 @@ class RunLoop:
         runner: ModelRunner,
         *,
         max_batch_size: int,
+        max_batch_tokens: int | None = None,
         decode_threads: int = 8,
         hooks: Hooks | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.runner = runner
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.hooks = hooks or Hooks()
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
 
@@ -148,28 +147,44 @@ class RunLoop:
         except Exception as exc:
             return None, ItemResult(item.id, error=_error(exc))
 
-    def run(self, items: Sequence[Item]) -> list[ItemResult]:
-        """Return one result per item, in input order."""
-        results: dict[int, ItemResult] = {}
+    def prepare(self, items: Sequence[Item]) -> Prepared:
+        """Decode every item (on the thread pool) and cut the good ones into batches."""
         decoded = list(self._pool.map(self._decode, items))
+        failed: dict[int, ItemResult] = {}
         ready: list[int] = []
-        for pos, (_value, failed) in enumerate(decoded):
-            if failed is not None:
-                results[pos] = failed
+        for pos, (_value, bad) in enumerate(decoded):
+            if bad is not None:
+                failed[pos] = bad
             else:
                 ready.append(pos)
         keys = [self.runner.batch_key(decoded[p][0], items[p].params) for p in ready]
-        for batch in split_batches(keys, max_batch_size=self.max_batch_size):
-            positions = [ready[b] for b in batch]
-            for pos, res in zip(positions, self._run_batch(positions, items, decoded), strict=True):
+        cost = getattr(self.runner, "cost", None)
+        costs = None
+        if cost is not None and self.max_batch_tokens is not None:
+            costs = [cost(decoded[p][0], items[p].params) for p in ready]
+        cuts = split_batches(keys, max_batch_size=self.max_batch_size, costs=costs,
+                             max_batch_tokens=self.max_batch_tokens)
+        return Prepared(list(items), [v for v, _ in decoded], failed,
+                        [[ready[b] for b in cut] for cut in cuts])
+
+    def execute(self, prepared: Prepared) -> list[ItemResult]:
+        """Run the prepared batches through the model; one result per item, in input order."""
+        results = dict(prepared.failed)
+        for positions in prepared.batches:
+            batch = self._run_batch(positions, prepared.items, prepared.decoded)
+            for pos, res in zip(positions, batch, strict=True):
                 results[pos] = res
-        out = [results[pos] for pos in range(len(items))]
+        out = [results[pos] for pos in range(len(prepared.items))]
         for res in out:
             _call_hook(self.hooks.after_item, self.runner.name, res)
         return out
 
+    def run(self, items: Sequence[Item]) -> list[ItemResult]:
+        """Return one result per item, in input order."""
+        return self.execute(self.prepare(items))
+
     def _run_batch(self, positions, items, decoded) -> list[ItemResult]:
-        inputs = [decoded[p][0] for p in positions]
+        inputs = [decoded[p] for p in positions]
         params = [items[p].params for p in positions]
         _call_hook(self.hooks.before_batch, self.runner.name, len(inputs))
         started = time.monotonic()

@@ -71,6 +71,7 @@ class BatchRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), default="default", index=True)
     status: Mapped[str] = mapped_column(String(32))
+    priority: Mapped[str] = mapped_column(String(16), default="normal", server_default="normal")
     total: Mapped[int] = mapped_column(Integer, default=0)
     input_key: Mapped[str | None] = mapped_column(Text)
     output_key: Mapped[str | None] = mapped_column(Text)
@@ -80,6 +81,8 @@ class BatchRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The end of the completion window: what is unfinished then expires.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RequestRow(Base):
@@ -87,6 +90,7 @@ class RequestRow(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "custom_id"),
         Index("ix_requests_batch_id_status", "batch_id", "status"),
+        Index("ix_requests_status_lease_until", "status", "lease_until"),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
@@ -106,6 +110,8 @@ class RequestRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
+    #: While running, the worker holds the request until this time and extends it as it works.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

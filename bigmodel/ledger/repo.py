@@ -60,6 +60,8 @@ class BatchInfo:
     input_key: str | None
     output_key: str | None
     errors_key: str | None
+    priority: str = "normal"
+    expires_at: datetime | None = None
 
     @property
     def is_final(self) -> bool:
@@ -70,11 +72,13 @@ class BatchInfo:
             "id": self.id,
             "status": str(self.status),
             "counts": self.counts,
+            "priority": self.priority,
             "created_at": self.created_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "input_key": self.input_key,
             "output_key": self.output_key,
             "errors_key": self.errors_key,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
         }
 
 
@@ -178,6 +182,7 @@ class Ledger:
     def create_batch(
         self, batch_id: str, specs: Sequence[RequestSpec], *, input_key: str | None,
         versions: dict[str, int], metadata: dict[str, Any] | None = None,
+        priority: str = "normal", expires_at: datetime | None = None,
     ) -> list[tuple[int, str]]:
         """Insert the batch and all its request rows in one transaction.
 
@@ -186,8 +191,8 @@ class Ledger:
         now = utcnow()
         with self.Session.begin() as s:
             s.add(BatchRow(id=batch_id, tenant=self.tenant, status=str(BatchStatus.QUEUED),
-                           total=len(specs), input_key=input_key, metadata_=metadata or {},
-                           created_at=now))
+                           priority=priority, total=len(specs), input_key=input_key,
+                           metadata_=metadata or {}, created_at=now, expires_at=expires_at))
             s.flush()
             ids: list[int] = []
             for start in range(0, len(specs), _INSERT_CHUNK):
@@ -294,7 +299,7 @@ class Ledger:
             row = self._batch_row(s, batch_id)
             return BatchInfo(row.id, BatchStatus(row.status), self._counts(s, batch_id),
                              row.created_at, row.finished_at, row.input_key, row.output_key,
-                             row.errors_key)
+                             row.errors_key, row.priority, row.expires_at)
 
     def list_batches(self, *, limit: int = 20) -> list[BatchInfo]:
         with self.Session() as s:

@@ -25,6 +25,10 @@ DEFAULT_BATCH_SIZE: dict[Task, int] = {Task.CLASSIFY: 32, Task.GENERATE: 16}
 
 def load_runner(info: ModelInfo, *, device: str, settings: Settings) -> ModelRunner:
     """Build the runner for a registered model: weights loaded, on `device`, ready to predict."""
+    if info.source.startswith("null:"):
+        from bigmodel.models.null import NullRunner
+
+        return NullRunner.load(info, device=device, settings=settings)
     module, _, cls = RUNNERS[info.task].partition(":")
     runner_cls = getattr(importlib.import_module(module), cls)
     return runner_cls.load(info, device=device, settings=settings)

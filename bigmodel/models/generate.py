@@ -145,6 +145,11 @@ class GenerateRunner:
         # Every row samples on its own, so all requests are compatible; sort by length.
         return (0, len(decoded))
 
+    def cost(self, decoded: list[int], params: dict[str, Any]) -> tuple[int, int]:
+        """Rows and padded length this request adds to a batch (for the token budget)."""
+        return (params.get("num_return_sequences", 1),
+                len(decoded) + params.get("max_new_tokens", 32))
+
     def _rows(self, ids: list[int], params: dict[str, Any]) -> list[Row]:
         do_sample = bool(params.get("do_sample", False))
         seed = params.get("seed")

@@ -20,6 +20,8 @@ def check_registration(name: str, source: str, *, task: str, arch: str | None,
     except ValueError:
         raise ConfigError(f"--task {task!r}: use classify or generate") from None
     size = batch_size or DEFAULT_BATCH_SIZE[task_]
+    if source == "null:":  # the no-op model for benchmarks (bigmodel/models/null.py)
+        return task_, source, arch, size
     local = Path(source).expanduser()
     is_local = local.exists()
     if is_local:

@@ -252,3 +252,28 @@ def test_worker_drops_pickle_and_malformed_messages_and_goes_on(stack, redis_cli
     assert "rejecting malformed message" in log and "unexpected task 'os.system'" in log
     assert redis_client.llen("bigmodel.model.gen") == 0
     assert all(p.poll() is None for p in stack.workers)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_high_priority_overtakes_a_low_priority_backlog(stack):
+    bulk = stack.home / "bulk.jsonl"
+    bulk.write_text("".join(json.dumps({"custom_id": f"b{i}", "model": "gen",
+                                        "input": {"prompt": "Hello"},
+                                        "params": {"max_new_tokens": 60}}) + "\n"
+                            for i in range(200)))
+    one = stack.home / "one.jsonl"
+    one.write_text(json.dumps({"custom_id": "vip", "model": "gen", "input": {"prompt": "Hi"},
+                               "params": {"max_new_tokens": 4}}) + "\n")
+    stack.start_worker("gen", extra=("--max-batch-size", "4"))
+    low = stack.cli("submit", str(bulk), "--priority", "low").stdout.strip()
+    deadline = time.monotonic() + 120
+    while stack.cli_json("status", low)["counts"]["succeeded"] < 4:
+        assert time.monotonic() < deadline
+    high = json.loads(stack.cli("submit", str(one), "--priority", "high", "--wait",
+                                "--json").stdout)
+    assert high["status"] == "completed" and high["priority"] == "high"
+    backlog = stack.cli_json("status", low)
+    assert backlog["priority"] == "low"
+    # Served ahead of the backlog, not after it.
+    assert backlog["status"] == "in_progress" and backlog["counts"]["queued"] >= 40, backlog
+    assert stack.wait_final(low)["counts"]["succeeded"] == 200

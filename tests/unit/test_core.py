@@ -49,13 +49,21 @@ def test_settings_defaults_are_embedded_and_urls_normalised(tmp_path):
 def test_message_format_and_chunking():
     msg = chunk_message("batch_1", "gen", [1, 2, 3])
     assert json.loads(json.dumps(msg)) == msg
-    assert parse_message(msg) == ("batch_1", "gen", [1, 2, 3])
+    assert parse_message(msg) == ("batch_1", "gen", [1, 2, 3], "normal")
+    high = chunk_message("b", "gen", [1], priority="high")
+    assert parse_message(high)[3] == "high"
+    with pytest.raises(ValueError, match="unknown priority 'urgent'"):
+        parse_message({**high, "priority": "urgent"})
     with pytest.raises(ValueError, match="unsupported message"):
         parse_message({"v": 99})
     pairs = [(i, "a" if i % 3 else "b") for i in range(1, 11)]
     chunks = chunk_ids(pairs, {"a": 3, "b": 2})
     assert chunks == [("a", [1, 2, 4]), ("a", [5, 7, 8]), ("a", [10]), ("b", [3, 6]), ("b", [9])]
     assert queue_name("gen") == "bigmodel.model.gen"
+    assert queue_name("gen", "high") == "bigmodel.model.gen:high"
+    assert queue_name("gen.low") != queue_name("gen", "low")
+    with pytest.raises(ValueError, match="use one of high, normal, low"):
+        queue_name("gen", "urgent")
 
 
 def test_result_records_and_csv():
