@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ class Report:
         self.machine: dict[str, Any] = {}
         self.options: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.started = time.perf_counter()
 
     def section(self, name: str, figures: list[str]) -> dict[str, Row]:
         """Declare a section's figures up front, so a failure can mark the ones not reached."""
@@ -76,7 +78,7 @@ class Report:
                 self.console.print(traceback.format_exc())
 
     def progress(self, text: str) -> None:
-        self.console.print(f"[dim]· {text}")
+        self.console.print(f"[dim]{time.perf_counter() - self.started:6.1f}s  {text}")
 
     # -- output -------------------------------------------------------------------------------
 
@@ -86,9 +88,8 @@ class Report:
             f"[bold]bigmodel benchmark[/]  {m.get('cpu_model', '?')} · {m.get('cores', '?')} "
             f"cores · {m.get('ram_gib', '?')} GiB RAM · torch {m.get('torch', '?')} "
             f"({m.get('torch_threads', '?')} threads) · device {m.get('device', '?')}")
-        self.console.print(
-            f"[dim]python {m.get('python')} · PostgreSQL {m.get('postgresql', '?')} · Redis "
-            f"{m.get('redis', '?')} · S3: moto {m.get('moto', '?')} · {m.get('platform')}")
+        self.console.print(f"[dim]python {m.get('python')} · transformers "
+                           f"{m.get('transformers')} · {m.get('platform')}")
 
     def table(self, title: str) -> Table:
         table = Table(title=title, show_lines=False)

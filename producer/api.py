@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,30 @@ from bigmodel.core.errors import BigModelError, LineError, SubmissionRejected
 from bigmodel.core.requests import parse_submission
 from bigmodel.core.settings import Settings, get_settings
 from bigmodel.core.status import BatchStatus, RequestStatus
+from bigmodel.ledger.audit import Audit, audit_batch
 from bigmodel.ledger.db import make_engine, require_schema, upgrade
 from bigmodel.ledger.finalize import finalize_batch, iter_records
+from bigmodel.ledger.reconcile import Report, reconcile
 from bigmodel.ledger.repo import BatchInfo, Ledger, ModelInfo
 from bigmodel.storage import Storage, batch_key, open_storage
+
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+
+
+def parse_window(value: str | timedelta) -> timedelta:
+    """`"24h"`, `"30m"`, `"90s"`, `"7d"` (or a timedelta) -> timedelta, between 1 s and 30 d."""
+    if isinstance(value, timedelta):
+        window = value
+    else:
+        m = _WINDOW.match(str(value))
+        if not m:
+            raise ValueError(f"completion window {value!r}: use a number and a unit, "
+                             "e.g. 24h, 30m, 90s or 7d")
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        window = timedelta(**{unit: float(m.group(1))})
+    if not timedelta(seconds=1) <= window <= timedelta(days=30):
+        raise ValueError(f"completion window {value!r}: must be between 1s and 30d")
+    return window
 
 
 class Client:
@@ -70,7 +92,8 @@ class Client:
     # -- submission ---------------------------------------------------------------------------
 
     def submit(self, source: str | Path | bytes | Iterable[Mapping[str, Any]], *,
-               metadata: dict[str, Any] | None = None, priority: str = "normal") -> BatchInfo:
+               metadata: dict[str, Any] | None = None, priority: str = "normal",
+               completion_window: str | timedelta | None = None) -> BatchInfo:
         """Submit a JSONL file (path or bytes) or an iterable of request dicts.
 
         Every line is validated first; any bad line raises `SubmissionRejected` listing each bad
@@ -79,6 +102,7 @@ class Client:
         """
         if priority not in PRIORITIES:
             raise ValueError(f"priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+        window = parse_window(completion_window) if completion_window is not None else None
         data = self._read(source)
         models = self.ledger.list_models()
         specs = parse_submission(
@@ -92,6 +116,7 @@ class Client:
         pairs = self.ledger.create_batch(
             batch_id, specs, input_key=input_key, metadata=metadata, priority=priority,
             versions={m.name: m.version for m in models},
+            expires_at=datetime.now(UTC) + window if window is not None else None,
         )
         sizes = {m.name: m.batch_size for m in models}
         messages = [(queue_name(model, priority),
@@ -171,6 +196,15 @@ class Client:
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """One record per request, in submission order: custom_id, status, output, error."""
         return iter_records(self.ledger, self.storage, batch_id)
+
+    def audit(self, batch_id: str) -> Audit:
+        """Lost, doubled and mismatched counts between input file, ledger and output files."""
+        return audit_batch(self.ledger, self.storage, batch_id)
+
+    def reconcile(self, *, lost_grace_s: float | None = None) -> Report:
+        """One reconciler pass (workers also run it periodically)."""
+        return reconcile(self.ledger, self.storage, self.celery, self.settings,
+                         lost_grace_s=lost_grace_s)
 
     def cancel(self, batch_id: str) -> BatchInfo:
         """Queued requests become cancelled now; running ones finish, then the batch ends."""

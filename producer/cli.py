@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     s.add_argument("--priority", choices=["high", "normal", "low"], default="normal",
                    help="high is served before queued normal and low work (default: normal)")
+    s.add_argument("--completion-window", metavar="WINDOW",
+                   help="expire what is unfinished after this long, e.g. 24h, 30m, 7d")
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("status", help="a batch's status and request counts")
@@ -38,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cancel", help="cancel a batch: queued requests at once, running finish")
     s.add_argument("batch")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("audit", help="lost / doubled / mismatched requests of a batch")
+    s.add_argument("batch")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("reconcile", help="re-enqueue lost and abandoned requests, expire and "
+                       "finish batches (workers also do this periodically)")
+    s.add_argument("--lost-grace-s", type=float, default=None,
+                   help="how long a queued request may be missing from the broker "
+                   "(default: BIGMODEL_LOST_GRACE_S)")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("batches", help="the most recent batches")
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except BigModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 
@@ -112,7 +128,8 @@ def _print_json(obj: Any) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client()
-    info = client.submit(args.file, priority=args.priority)
+    info = client.submit(args.file, priority=args.priority,
+                         completion_window=args.completion_window)
     if args.wait:
         info = wait_with_progress(client, info.id, quiet=args.json)
     if args.json:
@@ -184,6 +201,30 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    report = _client().audit(args.batch)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"{report.batch_id}  {report.status}  submitted={report.submitted} "
+              f"in_ledger={report.in_ledger} final={report.final} lost={report.lost} "
+              f"doubled={report.doubled} mismatched={report.mismatched}")
+        for kind, ids in report.examples.items():
+            print(f"  {kind}: {', '.join(ids)}")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    report = _client().reconcile(lost_grace_s=args.lost_grace_s)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"expired batches: {len(report.expired)}  requeued (lease expired): "
+              f"{report.lease_requeued}  poisoned: {report.poisoned}  requeued (lost): "
+              f"{report.lost_requeued}  finalized: {len(report.finalized)}")
+    return EXIT_OK
+
+
 def cmd_batches(args: argparse.Namespace) -> int:
     infos = _client().batches(limit=args.limit)
     if args.json:
@@ -236,5 +277,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "results": cmd_results, "cancel": cmd_cancel,
-    "batches": cmd_batches, "models": cmd_models, "db": cmd_db, "demo": cmd_demo,
+    "batches": cmd_batches, "audit": cmd_audit, "reconcile": cmd_reconcile,
+    "models": cmd_models, "db": cmd_db, "demo": cmd_demo,
 }

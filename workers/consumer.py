@@ -70,6 +70,12 @@ class BatchingConsumer:
         # One thread runs every model: CUDA and most models are not safe to share across threads.
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.connection_errors = app.connection_for_read().connection_errors
+        settings = runtime.settings
+        self.lease_every_s = settings.lease_s / 3
+        self.reconcile_every_s = settings.reconcile_interval_s
+        self._next_lease = time.monotonic() + self.lease_every_s
+        # Not at once: a fleet restarting together should not all reconcile in the same second.
+        self._next_reconcile = time.monotonic() + min(self.reconcile_every_s, 5.0)
 
     def run(self) -> None:
         """Consume until `stop` is set; reconnect to the broker after a connection loss."""
@@ -111,6 +117,7 @@ class BatchingConsumer:
     def _step(self, conn) -> None:
         self._reap()
         self.runtime.publish_due()
+        self._housekeeping()
         wait_s = 1.0
         if not self.stop.is_set() and len(self.inflight) < 2:
             decision = collate([p.chunk for p in self.pending], max_items=self.max_batch_size,
@@ -126,6 +133,23 @@ class BatchingConsumer:
             conn.drain_events(timeout=max(wait_s, 0.001))
         except TimeoutError:
             pass
+
+    def _housekeeping(self) -> None:
+        """Extend the leases of in-flight requests; reconcile the ledger now and then."""
+        now = time.monotonic()
+        if now >= self._next_lease:
+            self._next_lease = now + self.lease_every_s
+            ids = [c.item.id for w in self.inflight for c in w.claimed]
+            try:
+                self.runtime.extend_leases(ids)
+            except Exception:
+                log.exception("could not extend the leases of %d requests", len(ids))
+        if self.reconcile_every_s and now >= self._next_reconcile:
+            self._next_reconcile = now + self.reconcile_every_s
+            try:
+                self.runtime.reconcile()
+            except Exception:
+                log.exception("reconcile failed; trying again in %.0fs", self.reconcile_every_s)
 
     def _launch(self, take: list[int]) -> None:
         chosen = [self.pending[i] for i in take]
@@ -197,13 +221,14 @@ class BatchingConsumer:
             if task != TASK_RUN_CHUNK:
                 raise ValueError(f"unexpected task {task!r}")
             args = body[0] if isinstance(body, list | tuple) else body.get("args")
-            batch_id, model, ids, priority = parse_message(args[0])
-            if model not in self.models:
-                raise ValueError(f"model {model!r} is not loaded here")
+            msg = parse_message(args[0])
+            if msg.model not in self.models:
+                raise ValueError(f"model {msg.model!r} is not loaded here")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             # Unreadable forever: drop it loudly rather than redeliver it forever.
             log.error("rejecting malformed message %s: %s", message.delivery_tag, exc)
             message.reject(requeue=False)
             return
         self.pending.append(PendingMessage(
-            message, Chunk(model, len(ids), priority, time.monotonic()), ids))
+            message, Chunk(msg.model, len(msg.ids), msg.priority, time.monotonic(), msg.isolate),
+            msg.ids))

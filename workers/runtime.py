@@ -17,6 +17,7 @@ from bigmodel.core.runner import ItemResult, Prepared, RunLoop
 from bigmodel.core.settings import Settings
 from bigmodel.core.status import RequestStatus
 from bigmodel.ledger.finalize import finalize_batch
+from bigmodel.ledger.reconcile import reconcile
 from bigmodel.ledger.repo import Claimed, Finished, Ledger
 from bigmodel.storage import Storage, batch_key
 
@@ -61,7 +62,7 @@ class Runtime:
 
     def start(self, model: str, ids: Sequence[int]) -> tuple[list[Claimed], Prepared | None]:
         """Claim the still-queued requests among `ids` and decode them (I/O, any thread)."""
-        claimed = self.ledger.claim(ids, worker=self.worker_name)
+        claimed = self.ledger.claim(ids, worker=self.worker_name, lease_s=self.settings.lease_s)
         if not claimed:
             return claimed, None
         try:
@@ -105,7 +106,7 @@ class Runtime:
         delay_s = 0.0
         for res in results:
             c = by_id[res.id]
-            if res.retry_after_s is not None and c.attempts <= self.settings.task_max_retries:
+            if res.retry_after_s is not None and c.attempts < self.settings.max_attempts:
                 retry.append(res.id)
                 delay_s = max(delay_s, res.retry_after_s)
             elif res.ok:
@@ -136,6 +137,12 @@ class Runtime:
             for b, rids in groups.items():
                 self.delayed.append((due, queue_name(model, priority),
                                      chunk_message(b, model, rids, priority=priority)))
+
+    def extend_leases(self, ids: Sequence[int]) -> None:
+        self.ledger.extend(ids, worker=self.worker_name, lease_s=self.settings.lease_s)
+
+    def reconcile(self):
+        return reconcile(self.ledger, self.storage, self.app, self.settings)
 
     def publish_due(self, now: float | None = None) -> None:
         """Send the retries whose pause is over."""

@@ -6,6 +6,7 @@ The producer enqueues by task name; it never imports the worker's task code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -30,20 +31,34 @@ def queue_name(model: str, priority: str = "normal") -> str:
     return QUEUE_PREFIX + model + ("" if priority == "normal" else f":{priority}")
 
 
+@dataclass(frozen=True)
+class ChunkMessage:
+    batch_id: str
+    model: str
+    ids: list[int]
+    priority: str = "normal"
+    #: Run alone, never merged with other messages: requests whose worker died while running
+    #: them, so that a poison request cannot take batch-mates down again.
+    isolate: bool = False
+
+
 def chunk_message(batch_id: str, model: str, ids: Sequence[int], *,
-                  priority: str = "normal") -> dict[str, Any]:
+                  priority: str = "normal", isolate: bool = False) -> dict[str, Any]:
     """A chunk of requests of one batch for one model.
 
     The message carries only request ids: the worker's claim (one UPDATE ... RETURNING) reads
     inputs and params from the ledger, which is the source of truth. Messages stay tiny whatever
     the inputs (data: URIs included), and a stale redelivery claims nothing.
     """
-    return {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids),
-            "priority": priority}
+    msg = {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids),
+           "priority": priority}
+    if isolate:
+        msg["isolate"] = True
+    return msg
 
 
-def parse_message(message: Any) -> tuple[str, str, list[int], str]:
-    """`(batch_id, model, ids, priority)`; ValueError for anything else."""
+def parse_message(message: Any) -> ChunkMessage:
+    """Validate a chunk message; ValueError for anything else."""
     if not isinstance(message, dict) or message.get("v") != MESSAGE_VERSION:
         raise ValueError(f"unsupported message {str(message)[:200]!r}")
     ids = message["ids"]
@@ -52,7 +67,8 @@ def parse_message(message: Any) -> tuple[str, str, list[int], str]:
     priority = message.get("priority", "normal")
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}")
-    return str(message["batch_id"]), str(message["model"]), ids, priority
+    return ChunkMessage(str(message["batch_id"]), str(message["model"]), ids, priority,
+                        bool(message.get("isolate", False)))
 
 
 def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:

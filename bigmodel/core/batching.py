@@ -5,7 +5,8 @@ Two decisions are made here, both testable without sleeping or a broker:
 - `collate`: which pending chunk messages form the next batch, and how long to wait for more.
   A batch closes when it holds `max_items` requests, when its oldest chunk has waited
   `max_wait_s` (Triton's max_batch_size / max_queue_delay), or at once when high-priority work
-  is pending. Within one model, chunks are taken by priority, then by arrival.
+  is pending. Within one model, chunks are taken by priority, then by arrival. An `isolate`
+  chunk (requests whose worker died) always runs alone.
 - `split_batches`: how the claimed items of one model are cut into forward passes: compatible
   items only, sorted by length, at most `max_batch_size` items and, if given, at most
   `max_batch_tokens` padded tokens (TGI's max-batch-total-tokens).
@@ -29,6 +30,7 @@ class Chunk:
     items: int
     priority: str
     arrived_s: float
+    isolate: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
                   key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s))
     total = sum(pending[i].items for i in mine)
     oldest = min(pending[i].arrived_s for i in mine)
+    if pending[first].isolate:
+        return Decision([first], None)  # suspected poison: runs alone, at once
+    mine = [i for i in mine if not pending[i].isolate]
     urgent = pending[first].priority == "high"
     waited = now - oldest
     if total < max_items and waited < max_wait_s and not urgent:

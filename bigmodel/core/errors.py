@@ -14,6 +14,8 @@ INVALID_PARAMS = "invalid_params"
 INVALID_INPUT = "invalid_input"
 MODEL_ERROR = "model_error"
 BATCH_CANCELLED = "batch_cancelled"
+BATCH_EXPIRED = "batch_expired"
+POISON = "poison"
 INTERNAL_ERROR = "internal_error"
 RESULT_NOT_STORABLE = "result_not_storable"
 

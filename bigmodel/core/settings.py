@@ -33,8 +33,15 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
-    visibility_timeout_s: int = Field(3600, ge=60)
-    task_max_retries: int = Field(5, ge=0)
+    visibility_timeout_s: int = Field(3600, ge=1)
+    #: Claims of one request at most (transient retries and worker crashes both count).
+    max_attempts: int = Field(5, ge=1)
+    #: A worker holds its running requests this long and extends the lease while it works.
+    lease_s: float = Field(120.0, gt=0)
+    #: How often workers reconcile the ledger with the broker (0 turns it off).
+    reconcile_interval_s: float = Field(30.0, ge=0)
+    #: A queued request missing from the broker this long is re-enqueued.
+    lost_grace_s: float = Field(60.0, ge=0)
 
     @field_validator("broker_url", "database_url", "storage_url", "s3_endpoint_url")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
@@ -210,7 +210,7 @@ class Ledger:
 
     # -- worker side --------------------------------------------------------------------------
 
-    def claim(self, ids: Sequence[int], *, worker: str) -> list[Claimed]:
+    def claim(self, ids: Sequence[int], *, worker: str, lease_s: float = 120.0) -> list[Claimed]:
         """Move the still-queued requests among `ids` to running; return them with their batch.
 
         Requests already claimed, finished or cancelled are left alone, so a redelivered message
@@ -225,7 +225,8 @@ class Ledger:
                 update(t)
                 .where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.QUEUED))
                 .values(status=str(RequestStatus.RUNNING), attempts=t.c.attempts + 1,
-                        started_at=now, worker=worker)
+                        started_at=now, worker=worker,
+                        lease_until=now + timedelta(seconds=lease_s))
                 .returning(t.c.id, t.c.batch_id, t.c.input, t.c.params, t.c.attempts)
             ).all()
             batch_ids = {r.batch_id for r in rows}
@@ -247,7 +248,19 @@ class Ledger:
         with self.engine.begin() as conn:
             return conn.execute(
                 update(t).where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.RUNNING))
-                .values(status=str(RequestStatus.QUEUED), worker=None)
+                .values(status=str(RequestStatus.QUEUED), worker=None, lease_until=None)
+            ).rowcount
+
+    def extend(self, ids: Sequence[int], *, worker: str, lease_s: float) -> int:
+        """Push the lease of this worker's running requests `lease_s` into the future."""
+        if not ids:
+            return 0
+        t = RequestRow.__table__
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(t).where(t.c.id.in_(list(ids)), t.c.worker == worker,
+                                t.c.status == str(RequestStatus.RUNNING))
+                .values(lease_until=utcnow() + timedelta(seconds=lease_s))
             ).rowcount
 
     def finish(self, results: Sequence[Finished]) -> int:
@@ -260,7 +273,8 @@ class Ledger:
             .where(t.c.id == bindparam("b_id"), t.c.status == str(RequestStatus.RUNNING))
             .values(status=bindparam("b_status"), output=bindparam("b_output"),
                     output_key=bindparam("b_output_key"), error_code=bindparam("b_code"),
-                    error_message=bindparam("b_message"), finished_at=bindparam("b_now"))
+                    error_message=bindparam("b_message"), finished_at=bindparam("b_now"),
+                    lease_until=None)
         )
         now = utcnow()
         params = [
@@ -359,8 +373,12 @@ class Ledger:
             row = s.get(BatchRow, batch_id, with_for_update=True)
             if row is None or BatchStatus(row.status) in BATCH_FINAL:
                 return None
-            final = (BatchStatus.CANCELLED if row.status == BatchStatus.CANCELLING
-                     else BatchStatus.COMPLETED)
+            if row.status == BatchStatus.CANCELLING:
+                final = BatchStatus.CANCELLED
+            elif self._counts(s, batch_id)["expired"]:
+                final = BatchStatus.EXPIRED
+            else:
+                final = BatchStatus.COMPLETED
             row.status = str(final)
             row.output_key = output_key
             row.errors_key = errors_key

@@ -61,3 +61,11 @@ def test_split_by_token_budget_counts_padded_rows():
         [0, 1], [3], [2]]
     assert split_batches(keys, max_batch_size=8, costs=costs, max_batch_tokens=10_000) == [
         [0, 1, 3, 2]]
+
+
+def test_isolated_chunks_run_alone_and_first():
+    pending = [chunk(2, 1.0), Chunk("m", 1, "normal", 1.5, isolate=True), chunk(2, 1.2)]
+    assert collate(pending, max_items=8, max_wait_s=0.1, now=2.0).take == [0, 2]
+    pending = [Chunk("m", 1, "normal", 0.5, isolate=True), chunk(2, 1.0),
+               Chunk("m", 1, "normal", 0.6, isolate=True)]
+    assert collate(pending, max_items=8, max_wait_s=0.1, now=2.0).take == [0]

@@ -49,9 +49,11 @@ def test_settings_defaults_are_embedded_and_urls_normalised(tmp_path):
 def test_message_format_and_chunking():
     msg = chunk_message("batch_1", "gen", [1, 2, 3])
     assert json.loads(json.dumps(msg)) == msg
-    assert parse_message(msg) == ("batch_1", "gen", [1, 2, 3], "normal")
-    high = chunk_message("b", "gen", [1], priority="high")
-    assert parse_message(high)[3] == "high"
+    parsed = parse_message(msg)
+    assert (parsed.batch_id, parsed.model, parsed.ids, parsed.priority, parsed.isolate) == (
+        "batch_1", "gen", [1, 2, 3], "normal", False)
+    high = chunk_message("b", "gen", [1], priority="high", isolate=True)
+    assert parse_message(high).priority == "high" and parse_message(high).isolate
     with pytest.raises(ValueError, match="unknown priority 'urgent'"):
         parse_message({**high, "priority": "urgent"})
     with pytest.raises(ValueError, match="unsupported message"):

@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
-from bigmodel.core.errors import PermanentError, RetryableError
 from bigmodel.core.batching import split_batches
+from bigmodel.core.errors import PermanentError, RetryableError
 from bigmodel.core.runner import Hooks, Item, RunLoop
 from bigmodel.core.status import Task
 
