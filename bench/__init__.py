@@ -59,6 +59,8 @@ memory (8)  VmRSS of a null-model worker after 1,000 and after 50,000 processed 
           growth between the two (a leak shows as growth that keeps rising with the count).
 
 `--quick` shrinks the workloads (64 images, 16 prompts, 5,000 null requests, 5,000 submit lines,
-10 latency probes, memory at 1,000 and 10,000). `--json-out FILE` writes the same rows with raw
-numbers (`value`, `unit`, `data`), the machine and the options.
+400 one-request submissions, 10 latency probes, memory at 1,000 and 10,000). `--json-out FILE`
+writes the same rows with raw numbers (`value`, `unit`, `data`), the machine, the options, and
+per section its duration and the share of the CPUs other processes used meanwhile: figures
+taken while something else kept the cores busy are flagged under the table.
 """

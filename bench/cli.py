@@ -16,10 +16,14 @@ from rich.console import Console
 
 import bench
 from bench.config import DEFAULT, QUICK, SECTIONS
+from bench.cpu import CpuMeter
 from bench.report import Report, Row, machine_info
 from bench.sections import SECTIONS as RUNNERS
 from bench.sections import Ctx
 from bench.stack import DEFAULT_PG_ADMIN_URL, DEFAULT_REDIS_URL, Stack
+
+#: Other processes' share of the CPUs above which figures are flagged as noisy.
+NOISY = 0.10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,12 +117,20 @@ def main(argv: list[str] | None = None) -> int:
                       **asdict(cfg)}
     report.machine = machine_info(cfg.device)
     report.print_machine()
+    meter = CpuMeter(lambda: [])
+    quiet = meter.idle_check(1.0)
+    report.machine["others_cpu_before"] = quiet
+    if quiet is not None and quiet > NOISY:
+        console.print(f"[yellow]warning: other processes are using {quiet:.0%} of the CPUs "
+                      "right now; the figures will be noisy")
+        report.notes.append(f"other processes used {quiet:.0%} of the CPUs at the start")
 
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bigmodel-bench-")) if temporary \
         else args.workdir.resolve()
     stack = Stack(workdir, redis_url=args.redis_url, pg_admin_url=args.pg_url,
                   device=cfg.device)
+    meter = CpuMeter(stack.live_pids)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()
     interrupted = False
@@ -132,20 +144,27 @@ def main(argv: list[str] | None = None) -> int:
             report.rows.append(Row("setup", "services", error=f"{type(exc).__name__}: {exc}"))
             raise _SetupFailed from exc
         report.machine.update(stack.versions)
+        if stack.stale:
+            report.notes.append(f"scratch databases left by killed runs: "
+                                f"{', '.join(stack.stale)} (DROP DATABASE ... WITH (FORCE))")
         console.print(f"[dim]PostgreSQL {stack.versions.get('postgresql')} · Redis "
                       f"{stack.versions.get('redis')} · S3: moto "
                       f"{report.machine.get('moto')} at {stack.s3_endpoint}")
         ctx = Ctx(cfg=cfg, stack=stack, report=report, models_dir=workdir / "models")
         for name in selected:
             first_row = len(report.rows)
-            t0 = time.perf_counter()
+            before = meter.sample()
             try:
                 RUNNERS[name](ctx)
             except Exception as exc:  # noqa: BLE001 - one section's failure is its rows' error
                 _fail_from(report, first_row, name, exc)
             finally:
                 _reset_quietly(stack, report)
-            report.progress(f"{name}: {time.perf_counter() - t0:.0f}s")
+            after = meter.sample()
+            others = meter.share(before, after)
+            report.sections[name] = {"seconds": after.wall - before.wall, "others_cpu": others}
+            report.progress(f"{name}: {after.wall - before.wall:.0f}s" + (
+                "" if others is None else f"; other processes used {others:.0%} of the CPUs"))
     except _SetupFailed:
         pass
     except KeyboardInterrupt:
@@ -166,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     profile = "quick" if args.quick else "default"
     console.print(report.table(f"bigmodel benchmark ({profile}, {elapsed:.0f}s)"))
+    noisy = {k: v["others_cpu"] for k, v in report.sections.items()
+             if v["others_cpu"] is not None and v["others_cpu"] > NOISY}
+    if noisy:
+        report.notes.append("other processes kept the CPUs busy during "
+                            + ", ".join(f"{k} ({v:.0%})" for k, v in noisy.items())
+                            + "; those figures understate this machine")
+    for note in report.notes:
+        console.print(f"[yellow]warning: {note}")
     for problem in cleanup:
         console.print(f"[red]cleanup: {problem}")
     if args.json_out:

@@ -54,6 +54,8 @@ class Report:
         self.options: dict[str, Any] = {}
         self.notes: list[str] = []
         self.started = time.perf_counter()
+        #: per section: seconds, and other processes' share of all cores meanwhile
+        self.sections: dict[str, dict[str, Any]] = {}
 
     def section(self, name: str, figures: list[str]) -> dict[str, Row]:
         """Declare a section's figures up front, so a failure can mark the ones not reached."""
@@ -111,7 +113,8 @@ class Report:
 
     def to_json(self, path: Path, **extra: Any) -> None:
         doc = {"machine": self.machine, "options": self.options, **extra,
-               "notes": self.notes, "rows": [asdict(r) for r in self.rows]}
+               "sections": self.sections, "notes": self.notes,
+               "rows": [asdict(r) for r in self.rows]}
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
 
 

@@ -51,6 +51,16 @@ class BatchRun:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def start_worker(ctx: Ctx, model: str, *, max_batch_size: int,
+                 max_wait_ms: float | None = None) -> Worker:
+    started = time.perf_counter()
+    worker = ctx.stack.start_worker(model, max_batch_size=max_batch_size,
+                                    max_wait_ms=max_wait_ms)
+    ctx.report.progress(f"worker {worker.name} (pid {worker.pid}) consuming after "
+                        f"{time.perf_counter() - started:.1f}s")
+    return worker
+
+
 def rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:,.2f}"
 
@@ -83,11 +93,31 @@ def percentile(values: list[float], p: float) -> float:
 
 # -- 1-3: in-process limit vs end to end --------------------------------------------------------
 
+def worker_loop_options() -> dict[str, Any]:
+    """The RunLoop options a worker uses by default besides the batch size (as `bigmodel
+    worker` passes them), so the in-process loop batches exactly as the worker does."""
+    from bigmodel.core.runner import RunLoop
+    from workers.main import build_parser
+
+    accepted = inspect.signature(RunLoop).parameters
+    defaults = build_parser()
+    options = {}
+    for name in ("max_batch_tokens",):
+        value = defaults.get_default(name)
+        if name in accepted and value is not None:
+            options[name] = value
+    return options
+
+
 @dataclass
 class InProcess:
     seconds: float
     outputs: dict[str, dict | None]
     failed: int
+
+
+def _loop_note() -> str:
+    return "".join(f", {k.replace('_', ' ')} {v:,}" for k, v in worker_loop_options().items())
 
 
 def in_process(ctx: Ctx, info, requests: list[dict], batch_size: int) -> InProcess:
@@ -97,7 +127,7 @@ def in_process(ctx: Ctx, info, requests: list[dict], batch_size: int) -> InProce
 
     items = [Item(i, r["input"], r.get("params", {})) for i, r in enumerate(requests)]
     runner = load_runner(info, device=ctx.cfg.device, settings=ctx.stack.settings)
-    loop = RunLoop(runner, max_batch_size=batch_size)
+    loop = RunLoop(runner, max_batch_size=batch_size, **worker_loop_options())
     try:
         loop.run(items[:batch_size])  # warm-up: first passes, decode threads, S3 connections
         started = time.perf_counter()
@@ -117,7 +147,7 @@ def end_to_end(ctx: Ctx, model: str, requests: list[dict], batch_size: int
     stack = ctx.stack
     stack.reset()
     warmup = [{**r, "custom_id": "warm-" + r["custom_id"]} for r in requests[:batch_size]]
-    worker = stack.start_worker(model, max_batch_size=batch_size)
+    worker = start_worker(ctx, model, max_batch_size=batch_size)
     try:
         run_batch(ctx, warmup, worker=worker)
         run = run_batch(ctx, requests, worker=worker)
@@ -141,7 +171,8 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
             produced = sum(tokens(o) for o in inproc.outputs.values())
             extra = f"; {rate(produced / inproc.seconds)} new tokens/s"
         row.set(r, "items/s", f"{rate(r)} items/s",
-                f"{n} {what} in {inproc.seconds:.1f}s, RunLoop max batch {batch_size}, "
+                f"{n} {what} in {inproc.seconds:.1f}s, RunLoop max batch {batch_size}"
+                f"{_loop_note()}, "
                 f"{describe}{extra}; {inproc.failed} failed",
                 seconds=inproc.seconds, items=n, failed=inproc.failed)
     e2e: BatchRun | None = None
@@ -229,7 +260,7 @@ def section_null(ctx: Ctx) -> None:
         stack.reset()
         ctx.report.progress(f"null model: {cfg.null_n:,} requests through one worker "
                             f"(--max-batch-size {cfg.null_batch})")
-        worker = stack.start_worker(workloads.NULL_MODEL, max_batch_size=cfg.null_batch)
+        worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=cfg.null_batch)
         try:
             run_batch(ctx, workloads.null_requests(2 * cfg.null_batch, prefix="warm"),
                       worker=worker)
@@ -299,12 +330,13 @@ def section_batching(ctx: Ctx) -> None:
         ctx.report.progress(f"batching: {n:,} one-request submissions from {threads} threads, "
                             f"worker --max-batch-size {cfg.batching_max_batch} "
                             f"--max-wait-ms {cfg.batching_wait_ms:.0f}")
-        worker = stack.start_worker(workloads.NULL_MODEL, max_batch_size=cfg.batching_max_batch,
-                                    max_wait_ms=cfg.batching_wait_ms)
+        worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=cfg.batching_max_batch,
+                              max_wait_ms=cfg.batching_wait_ms)
         try:
             run_batch(ctx, workloads.null_requests(1, prefix="warm"), worker=worker)
             offset = worker.log_size()
-            window = _submit_singles(ctx, n, threads)
+            window, last_submit = _submit_singles(ctx, n, threads)
+            ctx.report.progress(f"submitted {n:,} in {window:.1f}s; waiting for the results")
             final = [str(s) for s in REQUEST_FINAL]
             ours = RequestRow.custom_id.like("one-%")
             deadline = time.monotonic() + cfg.timeout_s
@@ -313,6 +345,7 @@ def section_batching(ctx: Ctx) -> None:
                     done = conn.scalar(select(func.count()).where(
                         ours, RequestRow.status.in_(final)))
                 if done >= n:
+                    drain = time.perf_counter() - last_submit
                     break
                 worker.check()
                 if time.monotonic() > deadline:
@@ -335,13 +368,17 @@ def section_batching(ctx: Ctx) -> None:
         row.set(avg, "requests/batch", f"{avg:.1f} requests/batch",
                 f"{len(sizes)} batches (grouped by claim: worker + started_at), sizes "
                 f"{sizes[0]}–{sizes[-1]}, median {statistics.median(sizes):g}; arrivals "
-                f"{n / window:.0f}/s over {window:.1f}s; worker log: {log_avg}",
-                batches=len(sizes), sizes=sizes, arrival_per_s=n / window,
+                f"{n / window:.0f}/s over {window:.1f}s, all results final {drain:.1f}s after "
+                f"the last; worker log: {log_avg}",
+                batches=len(sizes), sizes=sizes, arrival_per_s=n / window, drain_s=drain,
                 log_flush_sizes=flushes)
 
 
-def _submit_singles(ctx: Ctx, n: int, threads: int) -> float:
-    """Submit `n` one-line batches from `threads` threads released together; the window (s)."""
+def _submit_singles(ctx: Ctx, n: int, threads: int) -> tuple[float, float]:
+    """Submit `n` one-line batches from `threads` threads released together.
+
+    Returns the submission window in seconds and the perf_counter time of the last submit.
+    """
     stop = threading.Event()
     barrier = threading.Barrier(threads + 1)
     errors: list[BaseException] = []
@@ -380,7 +417,7 @@ def _submit_singles(ctx: Ctx, n: int, threads: int) -> float:
         raise
     if errors:
         raise errors[0]
-    return max(stamps) - started
+    return max(stamps) - started, max(stamps)
 
 
 # -- 7: latency of one high-priority request ---------------------------------------------------
@@ -419,7 +456,7 @@ def section_latency(ctx: Ctx) -> None:
     ctx.stack.reset()
     ctx.report.progress(f"latency: {cfg.latency_samples} single requests"
                         f"{' at priority high' if supported else ''}, idle then busy worker")
-    worker = ctx.stack.start_worker(workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
+    worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
     try:
         _one_request(ctx, 0, high)  # warm-up
         with ctx.report.guard(rows[idle_fig]) as row:
@@ -498,7 +535,7 @@ def section_memory(ctx: Ctx) -> None:
     stack.reset()
     ctx.report.progress(f"memory: VmRSS of a null-model worker after {first:,} and {last:,} "
                         "requests")
-    worker = stack.start_worker(workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
+    worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
     try:
         ready = worker.rss_kib()
         run_batch(ctx, workloads.null_requests(first, prefix="m0"), worker=worker)

@@ -76,6 +76,10 @@ def _tail(path: Path, lines: int = 6) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _dead(pid: str) -> bool:
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+
 def proc_status_kib(pid: int, field_name: str = "VmRSS") -> int:
     """A `/proc/<pid>/status` memory field in KiB (VmRSS: resident now; VmHWM: peak)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
@@ -132,6 +136,8 @@ class Stack:
     s3_endpoint: str | None = None
     workers: list[Worker] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    #: scratch databases of earlier runs whose process is gone (killed with SIGKILL)
+    stale: list[str] = field(default_factory=list)
     _moto: subprocess.Popen | None = None
     _db_created: bool = False
     _redis_flushed: bool = False
@@ -159,6 +165,9 @@ class Stack:
 
         with psycopg.connect(self.pg_admin_url, autocommit=True, connect_timeout=5) as admin:
             self.versions["postgresql"] = str(admin.execute("SHOW server_version").fetchone()[0])
+            names = [r[0] for r in admin.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'bigmodel\\_bench\\_%'")]
+            self.stale = [n for n in names if n != self.db_name and _dead(n.rsplit("_", 1)[1])]
             admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
             admin.execute(f'CREATE DATABASE "{self.db_name}"')
             self._db_created = True
@@ -215,6 +224,11 @@ class Stack:
                 raise RuntimeError(f"moto's S3 server exited: {_tail(log)}")
             time.sleep(0.1)
         raise RuntimeError("moto's S3 server did not start in 60s")
+
+    def live_pids(self) -> list[int]:
+        """The children running now (moto's server and the workers)."""
+        procs = [w.proc for w in self.workers] + ([self._moto] if self._moto else [])
+        return [p.pid for p in procs if p.poll() is None]
 
     # -- workers ------------------------------------------------------------------------------
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,20 @@ GPT2_CONTEXT = 1024
 NULL_MODEL = "noop"
 NULL_BATCH = 256
 _DONE = "bench-complete.json"
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the tokenizer trainer draws a progress bar from Rust."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _complete(folder: Path, spec: dict[str, Any]) -> bool:
@@ -58,7 +76,8 @@ def build_gpt2_small(folder: Path) -> Path:
     if _complete(folder, spec):
         return folder
     hf_logging.disable_progress_bar()
-    build_tiny_generator(folder, n_positions=GPT2_CONTEXT)
+    with _quiet_stderr():
+        build_tiny_generator(folder, n_positions=GPT2_CONTEXT)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=GPT2_CONTEXT,

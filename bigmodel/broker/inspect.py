@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,14 @@ def _ids_of_envelope(raw: bytes | str) -> list[int]:
         return []
 
 
-def ids_in_broker(app: Celery, models: Iterable[str]) -> set[int] | None:
-    """Ids in the models' queues and in flight; None when the transport cannot be inspected."""
+def ids_in_broker(app: Celery, models: Iterable[str], *,
+                  stale_unacked_s: float | None = None) -> set[int] | None:
+    """Ids in the models' queues and in flight; None when the transport cannot be inspected.
+
+    A message delivered to a worker more than `stale_unacked_s` ago and still unacknowledged is
+    not counted: its worker most likely died holding it (it would otherwise only come back after
+    the visibility timeout). Re-sending a copy is harmless; only one claim can succeed.
+    """
     queues = [queue_name(m, p) for m in models for p in PRIORITIES]
     url = app.conf.broker_url or ""
     ids: set[int] = set()
@@ -47,8 +54,15 @@ def ids_in_broker(app: Celery, models: Iterable[str]) -> set[int] | None:
                 for start in range(0, length, _SCAN_PAGE):
                     for raw in client.lrange(q, start, start + _SCAN_PAGE - 1):
                         ids.update(_ids_of_envelope(raw))
-            for _, raw in client.hscan_iter("unacked", count=_SCAN_PAGE):
-                ids.update(_ids_of_envelope(raw))
+            if stale_unacked_s is None:
+                tags = [t for t, _ in client.hscan_iter("unacked", count=_SCAN_PAGE)]
+            else:
+                tags = client.zrangebyscore("unacked_index", time.time() - stale_unacked_s,
+                                            "+inf")
+            for start in range(0, len(tags), _SCAN_PAGE):
+                for raw in client.hmget("unacked", tags[start : start + _SCAN_PAGE]):
+                    if raw is not None:
+                        ids.update(_ids_of_envelope(raw))
         return ids
     if url.startswith("filesystem://"):
         folder = Path(app.conf.broker_transport_options["data_folder_in"])

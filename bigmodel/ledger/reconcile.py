@@ -84,7 +84,10 @@ def reconcile(ledger: Ledger, storage: Storage, app: Celery, settings: Settings,
     grace = settings.lost_grace_s if lost_grace_s is None else lost_grace_s
     candidates = list(queued_requests(ledger, older_than=cutoff(grace)))
     if candidates:
-        present = ids_in_broker(app, {r.model for r in candidates})
+        # A message a worker has held unacknowledged for a lease without claiming it was most
+        # likely prefetched by a worker that died: count its requests as lost.
+        present = ids_in_broker(app, {r.model for r in candidates},
+                                stale_unacked_s=max(settings.lease_s, grace))
         if present is None:
             report.broker_inspected = False
         else:

@@ -53,8 +53,11 @@ def requeue_expired_leases(ledger: Ledger, *, max_attempts: int,
             .values(status=str(RequestStatus.QUEUED), worker=None, lease_until=None)
             .returning(t.c.id, t.c.batch_id, t.c.model, t.c.attempts)
         ).all()
-        priorities = dict(conn.execute(select(b.c.id, b.c.priority).where(
-            b.c.id.in_({r.batch_id for r in back})))) if back else {}
+        priorities: dict[str, str] = {}
+        if back:
+            rows = conn.execute(select(b.c.id, b.c.priority).where(
+                b.c.id.in_({r.batch_id for r in back}))).all()
+            priorities = {r.id: r.priority for r in rows}
     return ([Requeued(r.id, r.batch_id, r.model, priorities.get(r.batch_id, "normal"),
                       r.attempts) for r in back], list(poisoned))
 
