@@ -50,11 +50,13 @@ batching (6)  average formed batch: 1,000 one-request submissions sent from 4 th
           started_at) are one formed batch; average = requests / groups. The worker log's
           "processed N requests from M messages" lines are shown as a cross-check, and the arrival
           rate, which bounds what any wait window can gather.
-latency (7)  p50 / p95 of submit → result final for a single request with `priority="high"`, to an
-          idle worker and to one busy with low-priority bulk work (the backlog is topped up before
-          every probe; the details give the backlog seen at submit). Shows "n/a (priority not
-          available)" while `Client.submit` has no `priority` parameter
-          (`--latency-without-priority` measures the same with normal requests, as a baseline).
+latency (7)  p50 / p95 of submit call → result final (polled every 5 ms) for a single request
+          with `priority="high"`, to an idle null-model worker and to one busy with low-priority
+          bulk work (the backlog is topped up before every probe; the details give the backlog
+          seen at submit and the submit call's own share). With the null model a busy worker's
+          batches are short, so this is the queue's and the worker loop's latency, not a model's.
+          Shows "n/a (priority not available)" when `Client.submit` has no `priority` parameter;
+          `--latency-without-priority` sends probes and bulk at normal priority, as a baseline.
 memory (8)  VmRSS of a null-model worker after 1,000 and after 50,000 processed requests, and the
           growth between the two (a leak shows as growth that keeps rising with the count).
 

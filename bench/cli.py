@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--memory-n", type=int, metavar="N", dest="memory_last",
                        help="items processed at the second memory reading")
     p.add_argument("--latency-without-priority", action="store_true",
-                   help="run the latency section even without Client.submit(priority=...), "
-                   "with normal-priority requests (a baseline)")
+                   help="latency section: send probes and bulk work at normal priority (a "
+                   "baseline; also runs when Client.submit has no priority parameter)")
     p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of failures")
     return p
 

@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered model to serve (repeat for several)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when visible, else CPU), cpu or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and activations: auto = bfloat16 (or float16) on CUDA, "
+                   "float32 on CPU")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="NHWC memory format for convolutional models (auto: on for CUDA)")
     p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
                    help="most requests in one forward pass (default: the model's registered "
                    "batch size)")
@@ -86,7 +91,7 @@ def build(args: argparse.Namespace):
     from bigmodel.core.settings import get_settings
     from bigmodel.ledger.db import make_engine, require_schema
     from bigmodel.ledger.repo import Ledger
-    from bigmodel.models import load_runner, pick_device
+    from bigmodel.models import Accel, load_runner, pick_device
     from bigmodel.storage import open_storage
     from workers.consumer import BatchingConsumer
     from workers.runtime import Runtime
@@ -100,6 +105,7 @@ def build(args: argparse.Namespace):
     storage = open_storage(settings.storage, endpoint_url=settings.s3_endpoint_url)
     app = make_celery(settings)
     device = pick_device(args.device)
+    accel = Accel.for_device(device, dtype=args.dtype, channels_last=args.channels_last)
     models = list(dict.fromkeys(args.model))
     loops: dict[str, RunLoop] = {}
     sizes = []
@@ -107,9 +113,9 @@ def build(args: argparse.Namespace):
         info = ledger.get_model(name)
         size = args.max_batch_size or info.batch_size
         sizes.append(size)
-        log.info("loading model %s v%d (%s from %s) on %s", info.name, info.version,
-                 info.task, info.source, device)
-        loops[name] = RunLoop(load_runner(info, device=device, settings=settings),
+        log.info("loading model %s v%d (%s from %s) on %s, %s", info.name, info.version,
+                 info.task, info.source, device, accel)
+        loops[name] = RunLoop(load_runner(info, device=device, settings=settings, accel=accel),
                               max_batch_size=size, max_batch_tokens=args.max_batch_tokens)
     worker_name = args.name or f"{socket.gethostname()}:{os.getpid()}"
     runtime = Runtime(settings=settings, ledger=ledger, storage=storage, app=app, loops=loops,

@@ -11,13 +11,14 @@ import io
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms._presets import ImageClassification
 
 from bigmodel.core.errors import (
@@ -30,6 +31,7 @@ from bigmodel.core.runner import Item
 from bigmodel.core.settings import Settings
 from bigmodel.core.status import Task
 from bigmodel.ledger.repo import ModelInfo
+from bigmodel.models import Accel
 from bigmodel.models.source import resolve_source
 from bigmodel.storage.fetch import Fetcher
 
@@ -38,6 +40,13 @@ TORCHVISION_PREFIX = "torchvision:"
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the decoders
 # that run on the GPU too (decode_jpeg(device="cuda")), so we keep them and silence the notice.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
+
+
+@dataclass(frozen=True)
+class Jpeg:
+    """JPEG bytes waiting for the GPU decoder."""
+
+    data: torch.Tensor
 
 
 def default_transform(arch: str):
@@ -69,9 +78,15 @@ class ClassifyRunner:
     task = Task.CLASSIFY
 
     def __init__(self, name: str, model: torch.nn.Module, labels: list[str], transform,
-                 *, device: str, fetcher: Fetcher, max_image_pixels: int) -> None:
+                 *, device: str, fetcher: Fetcher, max_image_pixels: int,
+                 accel: Accel | None = None) -> None:
         self.name = name
-        self.model = model.eval().to(device)
+        self.accel = accel or Accel()
+        self.dtype = self.accel.torch_dtype
+        model = model.eval().to(device=device, dtype=self.dtype)
+        if self.accel.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
         self.labels = labels
         self.transform = transform
         self.device = device
@@ -79,7 +94,8 @@ class ClassifyRunner:
         self.max_image_pixels = max_image_pixels
 
     @classmethod
-    def load(cls, info: ModelInfo, *, device: str, settings: Settings) -> ClassifyRunner:
+    def load(cls, info: ModelInfo, *, device: str, settings: Settings,
+             accel: Accel | None = None) -> ClassifyRunner:
         if info.source.startswith(TORCHVISION_PREFIX):
             arch = info.source[len(TORCHVISION_PREFIX):]
             if info.arch and info.arch != arch:
@@ -110,7 +126,7 @@ class ClassifyRunner:
         fetcher = Fetcher(endpoint_url=settings.s3_endpoint_url, timeout_s=settings.fetch_timeout_s,
                           max_bytes=settings.max_image_bytes)
         return cls(info.name, model, labels, transform, device=device, fetcher=fetcher,
-                   max_image_pixels=settings.max_image_pixels)
+                   max_image_pixels=settings.max_image_pixels, accel=accel)
 
     def decode(self, item: Item) -> torch.Tensor:
         data = self.fetcher.fetch(item.input["image"])
@@ -133,20 +149,49 @@ class ClassifyRunner:
         if width * height > self.max_image_pixels:
             raise PermanentError(IMAGE_TOO_LARGE, f"the image is {width}x{height} pixels, over "
                                  f"the limit of {self.max_image_pixels}")
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self.accel.gpu_decode and data[:2] == b"\xff\xd8":
+            return Jpeg(raw)  # decoded on the GPU with its batch-mates, in predict
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
+            img = decode_image(raw, mode=ImageReadMode.RGB)
         except Exception as exc:
             raise PermanentError(IMAGE_DECODE_FAILED,
                                  f"the image cannot be decoded: {exc}") from None
         return self.transform(img)
 
-    def batch_key(self, decoded: torch.Tensor, params: dict[str, Any]) -> tuple:
-        return (tuple(decoded.shape),)
+    def batch_key(self, decoded: torch.Tensor | Jpeg, params: dict[str, Any]) -> tuple:
+        # Transforms crop to one size, so every item fits one batch; shape guards the rest.
+        return ((0,) if isinstance(decoded, Jpeg) else (tuple(decoded.shape),))
 
-    def predict(self, decoded: Sequence[torch.Tensor], params: Sequence[dict[str, Any]]) -> list:
+    def _gpu_decode(self, decoded: Sequence[torch.Tensor | Jpeg]) -> list[torch.Tensor]:
+        jpegs = [i for i, d in enumerate(decoded) if isinstance(d, Jpeg)]
+        out = list(decoded)
+        if jpegs:
+            try:
+                images = decode_jpeg([decoded[i].data for i in jpegs], mode=ImageReadMode.RGB,
+                                     device=self.device)
+            except RuntimeError as exc:
+                if len(decoded) == 1:
+                    raise PermanentError(IMAGE_DECODE_FAILED,
+                                         f"the image cannot be decoded: {exc}") from None
+                raise  # the run loop re-runs items alone to find the bad one
+            for i, img in zip(jpegs, images, strict=True):
+                out[i] = self.transform(img)
+        return [t.to(self.device, non_blocking=True) for t in out]
+
+    def predict(self, decoded: Sequence[torch.Tensor | Jpeg],
+                params: Sequence[dict[str, Any]]) -> list:
         k = min(max(p.get("top_k", 5) for p in params), len(self.labels))
-        x = torch.stack(list(decoded)).to(self.device)
+        if self.accel.gpu_decode:
+            x = torch.stack(self._gpu_decode(decoded))
+        else:
+            x = torch.stack(list(decoded))
+            if self.accel.pin_memory:
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+        x = x.to(self.dtype)
+        if self.accel.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = torch.softmax(self.model(x).float(), dim=1)
             scores, indices = probs.topk(k, dim=1)

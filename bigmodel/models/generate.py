@@ -31,6 +31,7 @@ from bigmodel.core.runner import Item
 from bigmodel.core.settings import Settings
 from bigmodel.core.status import Task
 from bigmodel.ledger.repo import ModelInfo
+from bigmodel.models import Accel
 from bigmodel.models.source import resolve_source
 
 _SEED_MIX = 1_000_003
@@ -120,10 +121,12 @@ class GenerateRunner:
                            or min(tokenizer.model_max_length, 1 << 20))
 
     @classmethod
-    def load(cls, info: ModelInfo, *, device: str, settings: Settings) -> GenerateRunner:
+    def load(cls, info: ModelInfo, *, device: str, settings: Settings,
+             accel: Accel | None = None) -> GenerateRunner:
+        accel = accel or Accel()
         path = resolve_source(info.source, settings)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=accel.torch_dtype)
         return cls(info.name, model, tokenizer, device=device)
 
     def decode(self, item: Item) -> list[int]:

@@ -184,3 +184,28 @@ def test_misconfigured_models_say_what_to_fix(tiny_models, settings, tmp_path):
                     device="cpu", settings=settings)
     with pytest.raises(ConfigError, match="does not exist"):
         load_runner(info("g", "generate", "./no/such/folder"), device="cpu", settings=settings)
+
+
+def test_reduced_precision_and_channels_last_run_on_cpu_too(tiny_models, settings, classifier):
+    from bigmodel.models import Accel
+
+    assert Accel.for_device("cpu") == Accel()  # everything off on CPU by default
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        Accel.for_device("cpu", dtype="float8")
+    fast = Accel(dtype="bfloat16", channels_last=True)
+    cls16 = load_runner(info("cls", "classify", tiny_models["classifier"], "resnet18"),
+                        device="cpu", settings=settings, accel=fast)
+    assert next(cls16.model.parameters()).dtype.__str__() == "torch.bfloat16"
+    items = [Item(i, {"image": data_uri(b)}, {"top_k": 10})
+             for i, b in enumerate(make_images(3, size=64, seed=5))]
+    low = RunLoop(cls16, max_batch_size=4).run(items)
+    full = RunLoop(classifier, max_batch_size=4).run(items)
+    for a, b in zip(low, full, strict=True):
+        sa = {x["index"]: x["score"] for x in a.output["labels"]}
+        sb = {x["index"]: x["score"] for x in b.output["labels"]}
+        assert sa.keys() == sb.keys()
+        assert all(abs(sa[k] - sb[k]) < 0.05 for k in sa)
+    gen16 = load_runner(info("gen", "generate", tiny_models["generator"]), device="cpu",
+                        settings=settings, accel=Accel(dtype="bfloat16"))
+    res = RunLoop(gen16, max_batch_size=2).run([gen_item(0, "Hello", max_new_tokens=5)])
+    assert res[0].ok and res[0].output["sequences"][0]["tokens"] == 5
