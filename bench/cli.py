@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -111,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.memory_last <= cfg.memory_first:
         raise SystemExit(f"--memory-n must be over {cfg.memory_first}")
     _quiet_libraries()
-    console = Console()
+    # Piped output gets a table wide enough to read rather than rich's 80-column default.
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    console = Console() if wide else Console(width=160)
     report = Report(console, verbose=args.verbose)
     report.options = {"profile": "quick" if args.quick else "default", "sections": selected,
                       **asdict(cfg)}
     report.machine = machine_info(cfg.device)
     report.print_machine()
-    meter = CpuMeter(lambda: [])
-    quiet = meter.idle_check(1.0)
+    quiet = CpuMeter(lambda: []).idle_check(1.0)
     report.machine["others_cpu_before"] = quiet
     if quiet is not None and quiet > NOISY:
         console.print(f"[yellow]warning: other processes are using {quiet:.0%} of the CPUs "

@@ -85,8 +85,8 @@ class CpuMeter:
                       _own_seconds(self.live_pids()), _service_seconds())
 
     def share(self, a: Sample, b: Sample) -> float | None:
-        if a.busy_s is None or b.busy_s is None or b.wall <= a.wall:
-            return None
+        if a.busy_s is None or b.busy_s is None or b.wall - a.wall < 1.0:
+            return None  # too short to say
         services = sum(t - a.services.get(pid, 0.0) for pid, t in b.services.items())
         others = (b.busy_s - a.busy_s) - (b.own_s - a.own_s) - services
         return max(0.0, min(1.0, others / ((b.wall - a.wall) * self.cores)))

@@ -93,20 +93,39 @@ def percentile(values: list[float], p: float) -> float:
 
 # -- 1-3: in-process limit vs end to end --------------------------------------------------------
 
-def worker_loop_options() -> dict[str, Any]:
-    """The RunLoop options a worker uses by default besides the batch size (as `bigmodel
-    worker` passes them), so the in-process loop batches exactly as the worker does."""
+@dataclass(frozen=True)
+class WorkerDefaults:
+    """What `bigmodel worker` passes to `load_runner` and `RunLoop` when given no options
+    besides the batch size, so the in-process loop runs the model exactly as a worker does."""
+
+    load: dict[str, Any]
+    loop: dict[str, Any]
+
+    def note(self) -> str:
+        parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in self.loop.items()]
+        accel = self.load.get("accel")
+        if accel is not None:
+            parts += [f"{getattr(accel, 'dtype', '?')}",
+                      "channels-last" if getattr(accel, "channels_last", False) else ""]
+        return "".join(f", {p}" for p in parts if p)
+
+
+def worker_defaults(device: str) -> WorkerDefaults:
     from bigmodel.core.runner import RunLoop
+    from bigmodel.models import load_runner
     from workers.main import build_parser
 
+    args = build_parser().parse_args(["--model", "x", "--device", device])
+    load: dict[str, Any] = {}
+    if "accel" in inspect.signature(load_runner).parameters:
+        from bigmodel.models import Accel
+
+        load["accel"] = Accel.for_device(device, dtype=args.dtype,
+                                         channels_last=args.channels_last)
     accepted = inspect.signature(RunLoop).parameters
-    defaults = build_parser()
-    options = {}
-    for name in ("max_batch_tokens",):
-        value = defaults.get_default(name)
-        if name in accepted and value is not None:
-            options[name] = value
-    return options
+    loop = {name: getattr(args, name) for name in ("max_batch_tokens",)
+            if name in accepted and getattr(args, name, None) is not None}
+    return WorkerDefaults(load, loop)
 
 
 @dataclass
@@ -116,18 +135,16 @@ class InProcess:
     failed: int
 
 
-def _loop_note() -> str:
-    return "".join(f", {k.replace('_', ' ')} {v:,}" for k, v in worker_loop_options().items())
-
-
 def in_process(ctx: Ctx, info, requests: list[dict], batch_size: int) -> InProcess:
     """The worker's own runner and run loop, called directly: decode, preprocess, forward."""
     from bigmodel.core.runner import Item, RunLoop
     from bigmodel.models import load_runner
 
     items = [Item(i, r["input"], r.get("params", {})) for i, r in enumerate(requests)]
-    runner = load_runner(info, device=ctx.cfg.device, settings=ctx.stack.settings)
-    loop = RunLoop(runner, max_batch_size=batch_size, **worker_loop_options())
+    defaults = worker_defaults(ctx.cfg.device)
+    runner = load_runner(info, device=ctx.cfg.device, settings=ctx.stack.settings,
+                         **defaults.load)
+    loop = RunLoop(runner, max_batch_size=batch_size, **defaults.loop)
     try:
         loop.run(items[:batch_size])  # warm-up: first passes, decode threads, S3 connections
         started = time.perf_counter()
@@ -159,7 +176,7 @@ def end_to_end(ctx: Ctx, model: str, requests: list[dict], batch_size: int
 
 def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batch_size: int,
              what: str, describe: str, agree: Callable[[dict | None, dict | None], bool],
-             tokens: Callable[[dict | None], int] | None = None) -> None:
+             agree_label: str, tokens: Callable[[dict | None], int] | None = None) -> None:
     report, n = ctx.report, len(requests)
     inproc: InProcess | None = None
     with report.guard(rows["in-process"]) as row:
@@ -172,7 +189,7 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
             extra = f"; {rate(produced / inproc.seconds)} new tokens/s"
         row.set(r, "items/s", f"{rate(r)} items/s",
                 f"{n} {what} in {inproc.seconds:.1f}s, RunLoop max batch {batch_size}"
-                f"{_loop_note()}, "
+                f"{worker_defaults(ctx.cfg.device).note()}, "
                 f"{describe}{extra}; {inproc.failed} failed",
                 seconds=inproc.seconds, items=n, failed=inproc.failed)
     e2e: BatchRun | None = None
@@ -184,7 +201,7 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
         if inproc is not None:
             agreeing = sum(agree(inproc.outputs.get(cid), (rec or {}).get("output"))
                            for cid, rec in records.items())
-            same = f"; same output as in-process {agreeing}/{n}"
+            same = f"; {agree_label} as in-process {agreeing}/{n}"
         extra = ""
         if tokens is not None:
             produced = sum(tokens((rec or {}).get("output")) for rec in records.values())
@@ -219,7 +236,7 @@ def section_classify(ctx: Ctx) -> None:
         return bool(a and b) and a["labels"][0]["index"] == b["labels"][0]["index"]
 
     _compare(ctx, rows, info=info, requests=requests, batch_size=cfg.classify_batch,
-             what="images", agree=top1,
+             what="images", agree=top1, agree_label="same top-1 class",
              describe=f"images as {'s3:// objects' if cfg.image_ref == 's3' else 'data: URIs'}")
 
 
@@ -245,7 +262,7 @@ def section_generate(ctx: Ctx) -> None:
         return sum(s["tokens"] for s in out["sequences"]) if out else 0
 
     _compare(ctx, rows, info=info, requests=requests, batch_size=cfg.generate_batch,
-             what="prompts", agree=same_text, tokens=new_tokens,
+             what="prompts", agree=same_text, agree_label="same text", tokens=new_tokens,
              describe=f"prompts {min(lengths)}–{max(lengths)} tokens "
                       f"(mean {statistics.mean(lengths):.0f}), {cfg.new_tokens} new, greedy")
 

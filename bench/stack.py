@@ -31,19 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-try:  # loaded here, not in the child: nothing may be imported between fork and exec
+try:  # resolved here, not in the child: nothing should load between fork and exec
     import ctypes
 
-    _LIBC = ctypes.CDLL(None)
-except OSError:  # pragma: no cover - no libc to speak of
-    _LIBC = None
+    _PRCTL = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _PRCTL = None
 _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM this child when the benchmark process dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _spawn(args: list[str], *, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
