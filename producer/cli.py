@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         # The worker lives in its own package; the producer side never imports it.
         os.execv(sys.executable, [sys.executable, "-m", "workers", *argv[1:]])
     args = build_parser().parse_args(argv)
+    from sqlalchemy.exc import OperationalError
+
     from bigmodel.core.errors import BigModelError, NotFound, SubmissionRejected
 
     try:
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OperationalError as exc:
+        print(f"error: the database is unreachable ({str(exc.orig).strip()}); nothing was "
+              "changed", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -50,6 +50,7 @@ class Work:
     prepared: Prepared | None
     future: Future[list[ItemResult]] | None = None
     started: float = field(default_factory=time.monotonic)
+    isolate: bool = False
 
     @property
     def items(self) -> int:
@@ -93,6 +94,7 @@ class BatchingConsumer:
                     backoff = min(backoff * 2, 30.0)
         finally:
             self.model_thread.shutdown(wait=True)
+            self.runtime.close()
 
     def _run_connected(self) -> None:
         # High first: with the Redis transport's 'priority' queue order, BRPOP lists the queues
@@ -119,10 +121,14 @@ class BatchingConsumer:
         self.runtime.publish_due()
         self._housekeeping()
         wait_s = 1.0
-        if not self.stop.is_set() and len(self.inflight) < 2:
+        # A suspect request (its worker died running it) runs with nothing else in flight, so
+        # that if it kills this worker too, no innocent request is charged an attempt.
+        isolated = any(w.isolate for w in self.inflight)
+        if not self.stop.is_set() and len(self.inflight) < 2 and not isolated:
             decision = collate([p.chunk for p in self.pending], max_items=self.max_batch_size,
                                max_wait_s=self.max_wait_s, now=time.monotonic())
-            if decision.take:
+            if decision.take and not (self.inflight
+                                      and self.pending[decision.take[0]].chunk.isolate):
                 self._launch(decision.take)
                 return
             if decision.wait_s is not None:
@@ -167,7 +173,8 @@ class BatchingConsumer:
                 m.requeue()
             self.stop.wait(2.0)
             return
-        work = Work(model, priority, messages, claimed, prepared)
+        work = Work(model, priority, messages, claimed, prepared,
+                    isolate=any(p.chunk.isolate for p in chosen))
         if prepared is not None:
             work.future = self.model_thread.submit(self.runtime.compute, model, prepared)
         self.inflight.append(work)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from celery import Celery
@@ -46,19 +48,11 @@ class Runtime:
         self.worker_name = worker_name
         self.stats = Stats()
         self.delayed: list[tuple[float, str, dict]] = []
-
-    def process(self, model: str, ids: Sequence[int]) -> None:
-        """Claim, run and persist `ids` in one go (the consumer overlaps these steps)."""
-        claimed, prepared = self.start(model, ids)
-        if prepared is None:
-            self.finish(model, claimed, [])
-            return
-        try:
-            results = self.compute(model, prepared)
-        except Exception:
-            self.abort(claimed)
-            raise
-        self.finish(model, claimed, results)
+        # Writing a finished batch's files is off the critical path: results are already in
+        # the ledger, and should this worker die first, the reconciler finishes the batch.
+        self._finalizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finalize")
+        self._finalizing: set[str] = set()
+        self._lock = threading.Lock()
 
     def start(self, model: str, ids: Sequence[int]) -> tuple[list[Claimed], Prepared | None]:
         """Claim the still-queued requests among `ids` and decode them (I/O, any thread)."""
@@ -88,8 +82,27 @@ class Runtime:
             except Exception:
                 self.abort(claimed)
                 raise
-        for batch_id in sorted({c.batch_id for c in claimed}):
+        self.schedule_finalize({c.batch_id for c in claimed})
+
+    def schedule_finalize(self, batch_ids) -> None:
+        """Finish these batches in the background if nothing is left to run in them."""
+        with self._lock:
+            new = sorted(set(batch_ids) - self._finalizing)
+            self._finalizing.update(new)
+        for batch_id in new:
+            self._finalizer.submit(self._finalize, batch_id)
+
+    def _finalize(self, batch_id: str) -> None:
+        with self._lock:
+            self._finalizing.discard(batch_id)
+        try:
             finalize_batch(self.ledger, self.storage, batch_id)
+        except Exception:
+            log.exception("finishing batch %s failed; the reconciler will try again", batch_id)
+
+    def close(self) -> None:
+        """Wait for the batch files still being written."""
+        self._finalizer.shutdown(wait=True)
 
     def abort(self, claimed: Sequence[Claimed]) -> None:
         """Hand claimed requests back so the redelivered messages can claim them again."""
@@ -108,7 +121,8 @@ class Runtime:
             c = by_id[res.id]
             if res.retry_after_s is not None and c.attempts < self.settings.max_attempts:
                 retry.append(res.id)
-                delay_s = max(delay_s, res.retry_after_s)
+                # Exponential backoff: the suggested pause doubles with every attempt.
+                delay_s = max(delay_s, res.retry_after_s * 2 ** (c.attempts - 1))
             elif res.ok:
                 final.append(self._success(c, res))
             else:

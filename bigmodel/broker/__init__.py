@@ -112,7 +112,9 @@ def enqueue(app: Celery, messages: Sequence[tuple[str, dict[str, Any]]]) -> None
     """Send `(queue, message)` pairs over one broker connection."""
     with app.producer_or_acquire() as producer:
         for queue, message in messages:
-            app.send_task(TASK_RUN_CHUNK, args=[message], queue=queue, producer=producer)
+            # A short argsrepr: Celery would otherwise build a repr of every id list.
+            app.send_task(TASK_RUN_CHUNK, args=[message], queue=queue, producer=producer,
+                          argsrepr=f"<{len(message['ids'])} requests of {message['batch_id']}>")
 
 
 def chunk_ids(

@@ -101,6 +101,11 @@ def _call_hook(fn: Callable[..., None], *args: Any) -> None:
         log.exception("hook %s failed; ignored", getattr(fn, "__qualname__", fn))
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or its MPS/CPU cousins), recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)[:200].lower()
+
+
 def _error(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, PermanentError):
         return exc.as_dict()
@@ -201,6 +206,16 @@ class RunLoop:
             return [ItemResult(items[p].id, error=_error(exc), retry_after_s=exc.delay_s)
                     for p in positions]
         except Exception as exc:
+            if is_out_of_memory(exc):
+                if len(positions) > 1:
+                    # Halve the batch and try again before failing anything.
+                    half = len(positions) // 2
+                    log.warning("out of memory on a batch of %d; trying halves", len(positions))
+                    return (self._run_batch(positions[:half], items, decoded)
+                            + self._run_batch(positions[half:], items, decoded))
+                err = RetryableError(f"out of memory on a single item: {exc}", delay_s=5.0)
+                return [ItemResult(items[positions[0]].id, error=_error(err),
+                                   retry_after_s=err.delay_s)]
             if len(positions) > 1:
                 # One bad item must not fail its batch-mates: run each alone to find it.
                 log.warning("batch of %d failed (%s); retrying items one by one",

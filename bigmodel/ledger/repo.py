@@ -7,6 +7,7 @@ Redeliveries of a message therefore change nothing.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bigmodel.core.errors import BATCH_CANCELLED, ConfigError, NotFound
 from bigmodel.core.requests import ModelRef, RequestSpec
@@ -194,19 +195,48 @@ class Ledger:
                            priority=priority, total=len(specs), input_key=input_key,
                            metadata_=metadata or {}, created_at=now, expires_at=expires_at))
             s.flush()
-            ids: list[int] = []
-            for start in range(0, len(specs), _INSERT_CHUNK):
-                rows = [
-                    {"batch_id": batch_id, "tenant": self.tenant, "line": sp.line,
-                     "custom_id": sp.custom_id, "model": sp.model,
-                     "model_version": versions.get(sp.model, 1), "task": str(sp.task),
-                     "input": sp.input, "params": sp.params,
-                     "status": str(RequestStatus.QUEUED), "attempts": 0, "created_at": now}
-                    for sp in specs[start : start + _INSERT_CHUNK]
-                ]
-                stmt = insert(RequestRow).returning(RequestRow.id, sort_by_parameter_order=True)
-                ids.extend(s.scalars(stmt, rows).all())
+            if s.bind.dialect.name == "postgresql":
+                ids = self._copy_requests(s, batch_id, specs, versions, now)
+            else:
+                ids = self._insert_requests(s, batch_id, specs, versions, now)
         return [(rid, sp.model) for rid, sp in zip(ids, specs, strict=True)]
+
+    def _insert_requests(self, s, batch_id, specs, versions, now) -> list[int]:
+        ids: list[int] = []
+        for start in range(0, len(specs), _INSERT_CHUNK):
+            rows = [
+                {"batch_id": batch_id, "tenant": self.tenant, "line": sp.line,
+                 "custom_id": sp.custom_id, "model": sp.model,
+                 "model_version": versions.get(sp.model, 1), "task": str(sp.task),
+                 "input": sp.input, "params": sp.params,
+                 "status": str(RequestStatus.QUEUED), "attempts": 0, "created_at": now}
+                for sp in specs[start : start + _INSERT_CHUNK]
+            ]
+            stmt = insert(RequestRow).returning(RequestRow.id, sort_by_parameter_order=True)
+            ids.extend(s.scalars(stmt, rows).all())
+        return ids
+
+    def _copy_requests(self, s, batch_id, specs, versions, now) -> list[int]:
+        """PostgreSQL: ids from the sequence, rows through COPY (several times faster than a
+        multi-row INSERT, whose statement text alone psycopg spends most of the time on)."""
+        raw = s.connection().connection.driver_connection
+        ids = [r[0] for r in raw.execute(
+            "SELECT nextval(pg_get_serial_sequence('requests', 'id')) "
+            "FROM generate_series(1, %s)", (len(specs),)).fetchall()]
+        cols = ("id, batch_id, tenant, line, custom_id, model, model_version, task, input, "
+                "params, status, attempts, created_at")
+        queued = str(RequestStatus.QUEUED)
+        statement = f"COPY requests ({cols}) FROM STDIN"
+        try:
+            with raw.cursor().copy(statement) as copy:
+                for rid, sp in zip(ids, specs, strict=True):
+                    copy.write_row((rid, batch_id, self.tenant, sp.line, sp.custom_id, sp.model,
+                                    versions.get(sp.model, 1), str(sp.task),
+                                    json.dumps(sp.input, ensure_ascii=False),
+                                    json.dumps(sp.params, ensure_ascii=False), queued, 0, now))
+        except raw.Error as exc:  # as SQLAlchemy's own, like the INSERT path
+            raise DBAPIError.instance(statement, None, exc, type(raw).Error) from exc
+        return ids
 
     # -- worker side --------------------------------------------------------------------------
 
@@ -264,9 +294,15 @@ class Ledger:
             ).rowcount
 
     def finish(self, results: Sequence[Finished]) -> int:
-        """Write final results in one statement; only rows still `running` change."""
+        """Write final results in one statement; only rows still `running` change.
+
+        On PostgreSQL the whole batch is one `UPDATE ... FROM unnest(arrays)`; elsewhere one
+        executemany statement.
+        """
         if not results:
             return 0
+        if self.engine.dialect.name == "postgresql":
+            return self._finish_unnest(results)
         t = RequestRow.__table__
         stmt = (
             update(t)
@@ -285,6 +321,32 @@ class Ledger:
         ]
         with self.engine.begin() as conn:
             return conn.execute(stmt, params).rowcount
+
+    def _finish_unnest(self, results: Sequence[Finished]) -> int:
+        from psycopg.types.json import Jsonb
+
+        sql = (
+            "UPDATE requests AS r SET status = v.status, output = v.output, "
+            "output_key = v.output_key, error_code = v.code, error_message = v.message, "
+            "finished_at = %s, lease_until = NULL "
+            "FROM unnest(%s::bigint[], %s::text[], %s::jsonb[], %s::text[], %s::text[], "
+            "%s::text[]) AS v(id, status, output, output_key, code, message) "
+            "WHERE r.id = v.id AND r.status = 'running'"
+        )
+        params = (
+            utcnow(), [r.id for r in results], [str(r.status) for r in results],
+            [None if r.output is None else Jsonb(r.output) for r in results],
+            [r.output_key for r in results], [r.error_code for r in results],
+            [r.error_message for r in results],
+        )
+        with self.engine.begin() as conn:
+            raw = conn.connection.driver_connection
+            try:
+                cur = raw.cursor()
+                cur.execute(sql, params)
+            except raw.Error as exc:  # as SQLAlchemy's own (DataError, OperationalError, ...)
+                raise DBAPIError.instance(sql, None, exc, type(raw).Error) from exc
+            return cur.rowcount
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -339,11 +401,13 @@ class Ledger:
                 yield ResultRow(*r)
             last = rows[-1].line
 
-    def unfinished(self, batch_id: str) -> int:
+    def unfinished(self, batch_id: str) -> bool:
+        """Whether any request of the batch is still queued or running (an index probe)."""
         with self.Session() as s:
-            return s.scalar(select(func.count()).where(
+            return s.scalar(select(select(RequestRow.id).where(
                 RequestRow.batch_id == batch_id,
-                RequestRow.status.in_([str(RequestStatus.QUEUED), str(RequestStatus.RUNNING)])))
+                RequestRow.status.in_([str(RequestStatus.QUEUED), str(RequestStatus.RUNNING)]))
+                .exists()))
 
     # -- batch state --------------------------------------------------------------------------
 

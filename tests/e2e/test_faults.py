@@ -280,3 +280,37 @@ def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
     (stack.home / "soak-audit.json").write_text(json.dumps(
         {"kills": kills, "final": final, "audit": audit}, indent=2))
     print(f"soak: {total} requests, {kills} kills, audit {audit}")
+
+
+def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
+    """Whenever request r00003 is running, its worker dies (kill -9): after the attempt limit
+    it fails with `poison`, and its batch-mates, first claimed with it, still succeed."""
+    stack.env.update(FAST_RECOVERY, BIGMODEL_MAX_ATTEMPTS="3")
+    path = write_job(stack, 6, tokens=120)
+    batch = stack.cli("submit", str(path)).stdout.strip()
+    name = "w1"
+    worker = stack.start_worker("gen", extra=("--max-batch-size", "8"), name=name)
+    kills = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status, holder = stack.sql("SELECT status, worker FROM requests WHERE "
+                                   "custom_id = 'r00003' AND batch_id = :b", b=batch)[0]
+        if status == "failed":
+            break
+        if status == "running" and holder == name:  # the current worker runs it: it dies
+            worker.kill()
+            worker.wait()
+            kills += 1
+            name = f"w{kills + 1}"
+            worker = stack.start_worker("gen", extra=("--max-batch-size", "8"), name=name)
+        time.sleep(0.05)
+    final = stack.wait_final(batch)
+    assert kills == 3, kills
+    rows = {r.custom_id: r for r in stack.sql(
+        "SELECT custom_id, status, attempts, error_code FROM requests WHERE batch_id = :b",
+        b=batch)}
+    assert (rows["r00003"].status, rows["r00003"].error_code) == ("failed", "poison")
+    assert rows["r00003"].attempts == 3
+    others = [r for c, r in rows.items() if c != "r00003"]
+    assert all(r.status == "succeeded" and r.attempts <= 2 for r in others), others
+    assert final["counts"]["succeeded"] == 5 and final["counts"]["failed"] == 1

@@ -122,3 +122,19 @@ def test_duplicate_custom_id_cannot_enter_the_ledger(ledger):
         ledger.create_batch("b3", dup, input_key=None, versions={})
     with pytest.raises(NotFound):
         ledger.get_batch("b3")  # the whole transaction rolled back
+
+
+def test_a_result_postgresql_cannot_store_raises_sqlalchemys_data_error(ledger):
+    from sqlalchemy.exc import DataError
+
+    pairs = ledger.create_batch("b4", specs(2), input_key=None, versions={})
+    ids = [rid for rid, _ in pairs]
+    ledger.claim(ids, worker="w")
+    bad = [Finished(ids[0], RequestStatus.SUCCEEDED, output={"text": "nul\x00here"}),
+           Finished(ids[1], RequestStatus.SUCCEEDED, output={"text": "fine"})]
+    if ledger.engine.dialect.name == "postgresql":
+        with pytest.raises(DataError):  # the worker then writes rows one by one
+            ledger.finish(bad)
+        assert ledger.finish(bad[1:]) == 1
+    else:
+        assert ledger.finish(bad) == 2

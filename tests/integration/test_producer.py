@@ -85,3 +85,31 @@ def test_registration_checks_say_what_to_fix(client, tmp_path, tiny_models):
     assert hub.source == "gpt2" and hub.batch_size == 16
     with pytest.raises(NotFound, match="batch 'batch_x' not found"):
         client.status("batch_x")
+
+
+def test_storage_down_at_submit_writes_nothing(tmp_path, redis_client, redis_url, database_url,
+                                               tiny_models):
+    from tests.conftest import free_port
+
+    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
+                        storage_url="s3://nowhere/p",
+                        s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    c = Client(settings)
+    c.register_model("gen", str(tiny_models["generator"]), task="generate")
+    c.storage.client.meta.config.retries = {"max_attempts": 1}
+    with pytest.raises(BigModelError, match="s3://nowhere/p/tenants/default/batches/"):
+        c.submit(records(2))
+    assert c.batches() == [] and redis_client.keys("bigmodel.model.*") == []
+    c.close()
+
+
+def test_database_down_at_submit_enqueues_nothing(tmp_path, redis_client, redis_url):
+    from sqlalchemy.exc import OperationalError
+
+    from tests.conftest import free_port
+
+    settings = Settings(home=tmp_path, broker_url=redis_url,
+                        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    with pytest.raises(OperationalError):
+        Client(settings).submit(records(2))
+    assert redis_client.keys("bigmodel.model.*") == []

@@ -92,3 +92,31 @@ def test_a_failing_hook_is_logged_not_fatal(caplog):
         res = RunLoop(EchoModel(), max_batch_size=4, hooks=Boom()).run(items(1, 2))
     assert [r.output["value"] for r in res] == [2, 4]
     assert "hook" in caplog.text and "metrics down" in caplog.text
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError."""
+
+
+class OomModel(EchoModel):
+    """Runs out of memory on any batch of more than two items, or on the value 'huge'."""
+
+    def predict(self, decoded, params):
+        if len(decoded) > 2 or "huge" in decoded:
+            self.batches.append(["oom", len(decoded)])
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().predict(decoded, params)
+
+
+def test_out_of_memory_halves_the_batch_before_failing_anything():
+    model = OomModel()
+    res = RunLoop(model, max_batch_size=8).run(items(1, 2, 3, 4, 5))
+    assert [r.output["value"] for r in res] == [2, 4, 6, 8, 10]
+    assert model.batches[0] == ["oom", 5]
+    assert [len(b) for b in model.batches if b[0] != "oom"] == [2, 1, 2]
+
+
+def test_out_of_memory_on_one_item_is_retried_later():
+    res = RunLoop(OomModel(), max_batch_size=8).run(items(1, "huge"))
+    assert res[0].ok
+    assert res[1].retry_after_s == 5.0 and res[1].error["code"] == "transient_error"
