@@ -119,6 +119,10 @@ class Client:
             expires_at=datetime.now(UTC) + window if window is not None else None,
         )
         sizes = {m.name: m.batch_size for m in models}
+        # Chunks of prompts of similar length: a chunk becomes a batch, and a batch is padded
+        # to its longest prompt. (A stable sort: images keep their order.)
+        order = sorted(range(len(specs)), key=lambda i: len(specs[i].input.get("prompt", "")))
+        pairs = [pairs[i] for i in order]
         messages = [(queue_name(model, priority),
                      chunk_message(batch_id, model, ids, priority=priority))
                     for model, ids in chunk_ids(pairs, sizes)]
