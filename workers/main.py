@@ -83,6 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_broker(app) -> None:
+    """Warn when Redis may evict keys: an evicted message is work the reconciler must find."""
+    if not str(app.conf.broker_url).startswith(("redis://", "rediss://")):
+        return
+    try:
+        with app.connection_for_read() as conn:
+            policy = conn.default_channel.client.config_get("maxmemory-policy")
+    except Exception as exc:  # CONFIG is often disabled on managed Redis
+        log.info("could not read Redis maxmemory-policy (%s); it should be noeviction", exc)
+        return
+    value = policy.get("maxmemory-policy")
+    if value not in (None, "noeviction"):
+        log.warning("Redis maxmemory-policy is %s: set it to noeviction, or queued messages "
+                    "may be evicted under memory pressure", value)
+
+
 def build(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
@@ -104,6 +120,7 @@ def build(args: argparse.Namespace):
     ledger = Ledger(engine, tenant=settings.tenant)
     storage = open_storage(settings.storage, endpoint_url=settings.s3_endpoint_url)
     app = make_celery(settings)
+    check_broker(app)
     device = pick_device(args.device)
     accel = Accel.for_device(device, dtype=args.dtype, channels_last=args.channels_last)
     models = list(dict.fromkeys(args.model))

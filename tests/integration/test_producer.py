@@ -113,3 +113,18 @@ def test_database_down_at_submit_enqueues_nothing(tmp_path, redis_client, redis_
     with pytest.raises(OperationalError):
         Client(settings).submit(records(2))
     assert redis_client.keys("bigmodel.model.*") == []
+
+
+def test_oversized_files_are_rejected_before_anything_is_written(tmp_path, redis_client,
+                                                                  redis_url, database_url):
+    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
+                        max_file_bytes=100)
+    c = Client(settings)
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"custom_id": "a", "model": "m", "input": {"prompt": "x" * 200}}))
+    with pytest.raises(SubmissionRejected, match="over the limit of 100; split it"):
+        c.submit(big)
+    with pytest.raises(SubmissionRejected, match="over the limit of 100"):
+        c.submit([{"custom_id": "a", "model": "m", "input": {"prompt": "x" * 200}}])
+    assert c.batches() == [] and redis_client.keys("bigmodel.model.*") == []
+    c.close()
