@@ -143,10 +143,9 @@ class Runtime:
             log.warning("%d requests hit a transient fault; retrying in %.1fs", len(retry),
                         delay_s)
             self.ledger.release(retry)
-            batch_of = {c.item.id: c.batch_id for c in claimed}
             groups: dict[str, list[int]] = {}
             for rid in retry:
-                groups.setdefault(batch_of[rid], []).append(rid)
+                groups.setdefault(by_id[rid].batch_id, []).append(rid)
             due = time.monotonic() + min(delay_s, 60.0)
             for b, rids in groups.items():
                 self.delayed.append((due, queue_name(model, priority),

@@ -51,11 +51,11 @@ def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
     model = pending[first].model
     mine = sorted((i for i, c in enumerate(pending) if c.model == model),
                   key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s))
-    total = sum(pending[i].items for i in mine)
-    oldest = min(pending[i].arrived_s for i in mine)
     if pending[first].isolate:
         return Decision([first], None)  # suspected poison: runs alone, at once
     mine = [i for i in mine if not pending[i].isolate]
+    total = sum(pending[i].items for i in mine)
+    oldest = min(pending[i].arrived_s for i in mine)
     urgent = pending[first].priority == "high"
     waited = now - oldest
     if total < max_items and waited < max_wait_s and not urgent:

@@ -58,10 +58,6 @@ class Prepared:
     failed: dict[int, ItemResult]
     batches: list[list[int]]
 
-    @property
-    def size(self) -> int:
-        return len(self.items)
-
 
 class ModelRunner(Protocol):
     """What one task's model file implements (see bigmodel/models/classify.py, generate.py)."""

@@ -39,6 +39,8 @@ BATCH_FINAL = frozenset(
 REQUEST_FINAL = frozenset(
     {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.EXPIRED}
 )
+#: Statuses a request can still leave: what "unfinished" means everywhere.
+REQUEST_OPEN = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 COUNT_KEYS = ("total", "queued", "running", "succeeded", "failed", "cancelled", "expired")
 
 

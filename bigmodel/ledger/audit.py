@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from bigmodel.core.errors import PermanentError
+from bigmodel.core.status import REQUEST_FINAL
 from bigmodel.ledger.finalize import iter_records
 from bigmodel.ledger.repo import Ledger
 from bigmodel.storage import Storage
@@ -55,9 +56,8 @@ def audit_batch(ledger: Ledger, storage: Storage, batch_id: str) -> Audit:
         for line in storage.get(info.input_key).decode("utf-8-sig").splitlines():
             if line.strip():
                 submitted.append(json.loads(line)["custom_id"])
-    final_statuses = {"succeeded", "failed", "cancelled", "expired"}
     lost_ids = [c for c in submitted if c not in records]
-    unfinished = [c for c, r in records.items() if r["status"] not in final_statuses]
+    unfinished = [c for c, r in records.items() if r["status"] not in REQUEST_FINAL]
     if info.is_final:
         lost_ids += unfinished
     files = _jsonl(storage, info.output_key) + _jsonl(storage, info.errors_key)

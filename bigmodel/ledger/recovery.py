@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from bigmodel.core.errors import BATCH_EXPIRED, POISON
-from bigmodel.core.status import BATCH_FINAL, RequestStatus
+from bigmodel.core.status import BATCH_FINAL, REQUEST_OPEN, RequestStatus
 from bigmodel.ledger.models import BatchRow, RequestRow, utcnow
 from bigmodel.ledger.repo import Ledger
 
-_UNFINISHED = (str(RequestStatus.QUEUED), str(RequestStatus.RUNNING))
+_UNFINISHED = [str(s) for s in REQUEST_OPEN]
 _FINAL_BATCH = [str(s) for s in BATCH_FINAL]
 
 
@@ -27,7 +27,6 @@ class Requeued:
     batch_id: str
     model: str
     priority: str
-    attempts: int
 
 
 def requeue_expired_leases(ledger: Ledger, *, max_attempts: int,
@@ -51,15 +50,15 @@ def requeue_expired_leases(ledger: Ledger, *, max_attempts: int,
         back = conn.execute(
             update(t).where(expired, t.c.attempts < max_attempts)
             .values(status=str(RequestStatus.QUEUED), worker=None, lease_until=None)
-            .returning(t.c.id, t.c.batch_id, t.c.model, t.c.attempts)
+            .returning(t.c.id, t.c.batch_id, t.c.model)
         ).all()
         priorities: dict[str, str] = {}
         if back:
             rows = conn.execute(select(b.c.id, b.c.priority).where(
                 b.c.id.in_({r.batch_id for r in back}))).all()
             priorities = {r.id: r.priority for r in rows}
-    return ([Requeued(r.id, r.batch_id, r.model, priorities.get(r.batch_id, "normal"),
-                      r.attempts) for r in back], list(poisoned))
+    return ([Requeued(r.id, r.batch_id, r.model, priorities.get(r.batch_id, "normal"))
+             for r in back], list(poisoned))
 
 
 def queued_requests(ledger: Ledger, *, older_than: datetime,
@@ -70,7 +69,7 @@ def queued_requests(ledger: Ledger, *, older_than: datetime,
     while True:
         with ledger.engine.connect() as conn:
             rows = conn.execute(
-                select(t.c.id, t.c.batch_id, t.c.model, b.c.priority, t.c.attempts)
+                select(t.c.id, t.c.batch_id, t.c.model, b.c.priority)
                 .join(b, b.c.id == t.c.batch_id)
                 .where(t.c.status == str(RequestStatus.QUEUED), t.c.id > last,
                        t.c.created_at < older_than, b.c.tenant == ledger.tenant,
@@ -80,7 +79,7 @@ def queued_requests(ledger: Ledger, *, older_than: datetime,
         if not rows:
             return
         for r in rows:
-            yield Requeued(r.id, r.batch_id, r.model, r.priority, r.attempts)
+            yield Requeued(r.id, r.batch_id, r.model, r.priority)
         last = rows[-1].id
 
 
@@ -110,12 +109,11 @@ def expire_due(ledger: Ledger, *, now: datetime | None = None) -> dict[str, int]
 def unfinished_batches_without_work(ledger: Ledger) -> list[str]:
     """Batches not final although none of their requests is queued or running."""
     t, b = RequestRow.__table__, BatchRow.__table__
-    open_work = select(func.count()).where(t.c.batch_id == b.c.id,
-                                           t.c.status.in_(_UNFINISHED)).scalar_subquery()
+    open_work = select(t.c.id).where(t.c.batch_id == b.c.id, t.c.status.in_(_UNFINISHED))
     with ledger.engine.connect() as conn:
         return list(conn.execute(select(b.c.id).where(
             b.c.status.not_in(_FINAL_BATCH), b.c.tenant == ledger.tenant,
-            open_work == 0)).scalars())
+            ~open_work.exists())).scalars())
 
 
 def cutoff(seconds: float, now: datetime | None = None) -> datetime:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +21,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from bigmodel.core.errors import BATCH_CANCELLED, ConfigError, NotFound
 from bigmodel.core.requests import ModelRef, RequestSpec
 from bigmodel.core.runner import Item
-from bigmodel.core.status import BATCH_FINAL, COUNT_KEYS, BatchStatus, RequestStatus, Task
+from bigmodel.core.status import (
+    BATCH_FINAL,
+    COUNT_KEYS,
+    REQUEST_OPEN,
+    BatchStatus,
+    RequestStatus,
+    Task,
+)
 from bigmodel.ledger.db import make_sessionmaker
 from bigmodel.ledger.models import BatchRow, ModelRow, RequestRow, utcnow
 
@@ -111,6 +119,16 @@ class ResultRow:
     output_key: str | None
     error_code: str | None
     error_message: str | None
+
+
+@contextmanager
+def _driver_errors(raw, statement: str) -> Iterator[None]:
+    """Raise the driver's errors as SQLAlchemy's own (DataError, IntegrityError, ...), as the
+    ORM paths do, for the statements we send straight to psycopg."""
+    try:
+        yield
+    except raw.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, type(raw).Error) from exc
 
 
 def _model_info(row: ModelRow) -> ModelInfo:
@@ -227,15 +245,12 @@ class Ledger:
                 "params, status, attempts, created_at")
         queued = str(RequestStatus.QUEUED)
         statement = f"COPY requests ({cols}) FROM STDIN"
-        try:
-            with raw.cursor().copy(statement) as copy:
-                for rid, sp in zip(ids, specs, strict=True):
-                    copy.write_row((rid, batch_id, self.tenant, sp.line, sp.custom_id, sp.model,
-                                    versions.get(sp.model, 1), str(sp.task),
-                                    json.dumps(sp.input, ensure_ascii=False),
-                                    json.dumps(sp.params, ensure_ascii=False), queued, 0, now))
-        except raw.Error as exc:  # as SQLAlchemy's own, like the INSERT path
-            raise DBAPIError.instance(statement, None, exc, type(raw).Error) from exc
+        with _driver_errors(raw, statement), raw.cursor().copy(statement) as copy:
+            for rid, sp in zip(ids, specs, strict=True):
+                copy.write_row((rid, batch_id, self.tenant, sp.line, sp.custom_id, sp.model,
+                                versions.get(sp.model, 1), str(sp.task),
+                                json.dumps(sp.input, ensure_ascii=False),
+                                json.dumps(sp.params, ensure_ascii=False), queued, 0, now))
         return ids
 
     # -- worker side --------------------------------------------------------------------------
@@ -341,11 +356,9 @@ class Ledger:
         )
         with self.engine.begin() as conn:
             raw = conn.connection.driver_connection
-            try:
+            with _driver_errors(raw, sql):
                 cur = raw.cursor()
                 cur.execute(sql, params)
-            except raw.Error as exc:  # as SQLAlchemy's own (DataError, OperationalError, ...)
-                raise DBAPIError.instance(sql, None, exc, type(raw).Error) from exc
             return cur.rowcount
 
     # -- queries ------------------------------------------------------------------------------
@@ -406,8 +419,7 @@ class Ledger:
         with self.Session() as s:
             return s.scalar(select(select(RequestRow.id).where(
                 RequestRow.batch_id == batch_id,
-                RequestRow.status.in_([str(RequestStatus.QUEUED), str(RequestStatus.RUNNING)]))
-                .exists()))
+                RequestRow.status.in_([str(st) for st in REQUEST_OPEN])).exists()))
 
     # -- batch state --------------------------------------------------------------------------
 

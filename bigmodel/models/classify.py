@@ -32,10 +32,9 @@ from bigmodel.core.settings import Settings
 from bigmodel.core.status import Task
 from bigmodel.ledger.repo import ModelInfo
 from bigmodel.models import Accel
+from bigmodel.models.registry import TORCHVISION_PREFIX
 from bigmodel.models.source import resolve_source
 from bigmodel.storage.fetch import Fetcher
-
-TORCHVISION_PREFIX = "torchvision:"
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the decoders
 # that run on the GPU too (decode_jpeg(device="cuda")), so we keep them and silence the notice.

@@ -4,7 +4,6 @@ state or connections, storage outages, SIGTERM. After each, every request ends e
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, service_missing
 
 FAST_RECOVERY = {"BIGMODEL_LEASE_S": "3", "BIGMODEL_RECONCILE_INTERVAL_S": "1",
                  "BIGMODEL_LOST_GRACE_S": "2"}
@@ -91,9 +90,7 @@ def private_redis():
     """A Redis server of this test's own, to restart at will (nothing kept on disk)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
+        service_missing("redis-server", FileNotFoundError("not on PATH"))
     port = free_port()
 
     def start():

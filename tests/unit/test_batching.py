@@ -69,3 +69,9 @@ def test_isolated_chunks_run_alone_and_first():
     pending = [Chunk("m", 1, "normal", 0.5, isolate=True), chunk(2, 1.0),
                Chunk("m", 1, "normal", 0.6, isolate=True)]
     assert collate(pending, max_items=8, max_wait_s=0.1, now=2.0).take == [0]
+
+
+def test_an_isolated_chunk_neither_fills_nor_ages_the_batch_it_never_joins():
+    pending = [chunk(2, 1.0), Chunk("m", 10, "normal", 1.5, isolate=True)]
+    d = collate(pending, max_items=8, max_wait_s=1.0, now=1.6)
+    assert d.take == [] and d.wait_s == pytest.approx(0.4)
