@@ -64,9 +64,9 @@ def load_runner(info: ModelInfo, *, device: str, settings: Settings,
                 accel: Accel | None = None) -> ModelRunner:
     """Build the runner for a registered model: weights loaded, on `device`, ready to predict."""
     accel = accel or Accel()
-    if info.source.startswith("null:"):
-        from bigmodel.models.null import NullRunner
+    from bigmodel.models.null import NULL_PREFIX, NullRunner
 
+    if info.source.startswith(NULL_PREFIX):
         return NullRunner.load(info, device=device, settings=settings)
     module, _, cls = RUNNERS[info.task].partition(":")
     runner_cls = getattr(importlib.import_module(module), cls)

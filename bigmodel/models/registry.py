@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bigmodel.core.errors import ConfigError
 from bigmodel.core.status import Task
+from bigmodel.models.null import NULL_PREFIX, null_delay_ms
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -20,7 +21,8 @@ def check_registration(name: str, source: str, *, task: str, arch: str | None,
     except ValueError:
         raise ConfigError(f"--task {task!r}: use classify or generate") from None
     size = batch_size or DEFAULT_BATCH_SIZE[task_]
-    if source == "null:":  # the no-op model for benchmarks (bigmodel/models/null.py)
+    if source.startswith(NULL_PREFIX):  # the no-op model for benchmarks and fault tests
+        null_delay_ms(source)
         return task_, source, arch, size
     local = Path(source).expanduser()
     is_local = local.exists()

@@ -251,9 +251,13 @@ def test_storage_outage_is_retried_until_it_succeeds(stack):
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
-    """Two workers on a no-op model while a chaos loop kills -9 and restarts them at random."""
+    """Two workers on a no-op model while a chaos loop kills -9 and restarts them at random.
+
+    The model sleeps 25 ms per batch of 20 (about 25 s of model time in all), so the run lasts
+    long enough for the chaos loop, whose every restart waits until the new worker consumes.
+    """
     stack.env.update(FAST_RECOVERY)
-    stack.cli("models", "register", "noop", "null:", "--task", "generate",
+    stack.cli("models", "register", "noop", "null:delay_ms=25", "--task", "generate",
               "--batch-size", "20")
     total = 20_000
     path = write_job(stack, total, tokens=1, name="soak.jsonl", model="noop")
@@ -263,9 +267,13 @@ def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
     rng = random.Random(0)
     kills = 0
     deadline = time.monotonic() + 240
-    while (stack.cli_json("status", batch)["status"] != "completed"
-           and time.monotonic() < deadline):
-        time.sleep(rng.uniform(0.1, 0.8))
+
+    def running() -> bool:
+        (status,) = stack.sql("SELECT status FROM batches WHERE id = :b", b=batch)[0]
+        return status != "completed" and time.monotonic() < deadline
+
+    while running():
+        time.sleep(rng.uniform(0.2, 1.5))
         name = rng.choice(sorted(procs))
         procs[name].kill()
         procs[name].wait()
@@ -281,12 +289,15 @@ def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
 
 def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
     """Whenever request r00003 is running, its worker dies (kill -9): after the attempt limit
-    it fails with `poison`, and its batch-mates, first claimed with it, still succeed."""
+    it fails with `poison`, and its batch-mates, first claimed with it, still succeed.
+
+    The model sleeps 1.5 s per batch, so a request stays `running` long enough to be seen."""
     stack.env.update(FAST_RECOVERY, BIGMODEL_MAX_ATTEMPTS="3")
-    path = write_job(stack, 6, tokens=120)
+    stack.cli("models", "register", "slow", "null:delay_ms=1500", "--task", "generate")
+    path = write_job(stack, 6, tokens=1, model="slow")
     batch = stack.cli("submit", str(path)).stdout.strip()
     name = "w1"
-    worker = stack.start_worker("gen", extra=("--max-batch-size", "8"), name=name)
+    worker = stack.start_worker("slow", extra=("--max-batch-size", "8"), name=name)
     kills = 0
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -299,7 +310,7 @@ def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
             worker.wait()
             kills += 1
             name = f"w{kills + 1}"
-            worker = stack.start_worker("gen", extra=("--max-batch-size", "8"), name=name)
+            worker = stack.start_worker("slow", extra=("--max-batch-size", "8"), name=name)
         time.sleep(0.05)
     final = stack.wait_final(batch)
     assert kills == 3, kills

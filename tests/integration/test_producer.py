@@ -83,6 +83,10 @@ def test_registration_checks_say_what_to_fix(client, tmp_path, tiny_models):
         client.register_model("g2", "./nope", task="generate")
     hub = client.register_model("g3", "gpt2", task="generate")  # a hub id, resolved by workers
     assert hub.source == "gpt2" and hub.batch_size == 16
+    with pytest.raises(ConfigError, match="use `null:` or `null:delay_ms=N`"):
+        client.register_model("n1", "null:delay=5", task="generate")
+    assert client.register_model("n2", "null:delay_ms=5", task="generate").source == \
+        "null:delay_ms=5"
     with pytest.raises(NotFound, match="batch 'batch_x' not found"):
         client.status("batch_x")
 

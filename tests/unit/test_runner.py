@@ -120,3 +120,23 @@ def test_out_of_memory_on_one_item_is_retried_later():
     res = RunLoop(OomModel(), max_batch_size=8).run(items(1, "huge"))
     assert res[0].ok
     assert res[1].retry_after_s == 5.0 and res[1].error["code"] == "transient_error"
+
+
+def test_null_model_stands_in_for_a_model_with_its_delay_per_batch():
+    import time
+    from types import SimpleNamespace
+
+    from bigmodel.core.errors import ConfigError
+    from bigmodel.core.settings import Settings
+    from bigmodel.models.null import NullRunner, null_delay_ms
+
+    assert null_delay_ms("null:") == 0 and null_delay_ms("null:delay_ms=40") == 40
+    for bad in ("null:delay_ms=", "null:delay_ms=-1", "null:40", "null:delay_ms=4.5"):
+        with pytest.raises(ConfigError, match="null:delay_ms=N"):
+            null_delay_ms(bad)
+    info = SimpleNamespace(name="slow", task=Task.GENERATE, source="null:delay_ms=40")
+    runner = NullRunner.load(info, device="cpu", settings=Settings())
+    started = time.perf_counter()
+    results = RunLoop(runner, max_batch_size=8).run(items(1, 2, 3))
+    assert time.perf_counter() - started >= 0.04  # one batch, one delay
+    assert [r.output["sequences"][0]["finish_reason"] for r in results] == ["length"] * 3
