@@ -51,14 +51,24 @@ def assert_exactly_once(stack, batch_id: str, total: int, *, max_attempts: int =
     return final
 
 
-def counts(stack, batch_id):
-    return stack.cli_json("status", batch_id)["counts"]
+def counts(stack, batch_id) -> dict[str, int]:
+    """Requests of the batch per status, straight from the ledger (polls must be quick)."""
+    found = dict(stack.sql("SELECT status, count(*) FROM requests WHERE batch_id = :b "
+                           "GROUP BY status", b=batch_id))
+    return {s: found.get(s, 0) for s in ("queued", "running", "succeeded", "failed")}
+
+
+def register_slow(stack, delay_ms: int, name: str = "slow") -> str:
+    """A no-op model taking `delay_ms` per batch: work stays in flight long enough to be hit."""
+    stack.cli("models", "register", name, f"null:delay_ms={delay_ms}", "--task", "generate")
+    return name
 
 
 def test_kill_9_mid_batch_every_request_completes_once(stack):
     stack.env.update(FAST_RECOVERY)
-    path = write_job(stack, 80)
-    w1 = stack.start_worker("gen", extra=("--max-batch-size", "4"), name="w1")
+    model = register_slow(stack, 300)
+    path = write_job(stack, 80, model=model)
+    w1 = stack.start_worker(model, extra=("--max-batch-size", "4"), name="w1")
     batch = stack.cli("submit", str(path)).stdout.strip()
     wait_until(lambda: counts(stack, batch)["succeeded"] >= 4 and counts(stack, batch)["running"],
                what="work in flight")
@@ -67,7 +77,7 @@ def test_kill_9_mid_batch_every_request_completes_once(stack):
     stuck = stack.sql("SELECT count(*) FROM requests WHERE batch_id = :b AND status = 'running'",
                       b=batch)[0][0]
     assert stuck > 0  # killed while holding requests
-    stack.start_worker("gen", extra=("--max-batch-size", "4"), name="w2")
+    stack.start_worker(model, extra=("--max-batch-size", "4"), name="w2")
     assert_exactly_once(stack, batch, 80, max_attempts=2)
     redone = stack.sql("SELECT count(*) FROM requests WHERE batch_id = :b AND attempts = 2",
                        b=batch)[0][0]
@@ -124,17 +134,20 @@ def _connects(port: int) -> bool:
 def test_redis_restart_mid_run_loses_no_request(stack, private_redis):
     url, restart = private_redis
     stack.env.update(FAST_RECOVERY, BIGMODEL_BROKER_URL=url)
-    path = write_job(stack, 120, tokens=30)
-    stack.start_worker("gen", extra=("--max-batch-size", "4"))
+    model = register_slow(stack, 200)
+    path = write_job(stack, 120, model=model)
+    stack.start_worker(model, extra=("--max-batch-size", "4"))
     batch = stack.cli("submit", str(path)).stdout.strip()
     wait_until(lambda: counts(stack, batch)["succeeded"] >= 8, what="progress")
     restart()  # every queued message is gone
+    assert counts(stack, batch)["queued"] > 0  # so the reconciler has work to bring back
     assert_exactly_once(stack, batch, 120, max_attempts=2)
 
 
 def test_sigterm_finishes_the_batch_in_hand_and_leaves_the_rest_queued(stack):
-    path = write_job(stack, 60, tokens=60)
-    w1 = stack.start_worker("gen", extra=("--max-batch-size", "4"), name="w1")
+    model = register_slow(stack, 400)
+    path = write_job(stack, 60, model=model)
+    w1 = stack.start_worker(model, extra=("--max-batch-size", "4"), name="w1")
     batch = stack.cli("submit", str(path)).stdout.strip()
     wait_until(lambda: counts(stack, batch)["running"], what="work in flight")
     w1.send_signal(signal.SIGTERM)
@@ -145,28 +158,36 @@ def test_sigterm_finishes_the_batch_in_hand_and_leaves_the_rest_queued(stack):
                      "'succeeded'")[0][0] == 0
     log = (stack.home / "worker-w1.log").read_text()
     assert "received SIGTERM: finishing the current batch" in log
-    stack.start_worker("gen", extra=("--max-batch-size", "4"), name="w2")
+    stack.start_worker(model, extra=("--max-batch-size", "4"), name="w2")
     assert_exactly_once(stack, batch, 60, max_attempts=1)  # nothing was run twice
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_database_connections_dropped_under_a_running_worker(stack):
+    """Three times, once the worker has made progress since the last drop, every connection it
+    holds is terminated mid-run; it recovers each time and nothing is lost or run twice."""
     import psycopg
 
     stack.env.update(FAST_RECOVERY)
-    path = write_job(stack, 200, tokens=40)
-    stack.start_worker("gen", extra=("--max-batch-size", "4"))
+    model = register_slow(stack, 150)
+    path = write_job(stack, 300, model=model)
+    stack.start_worker(model, extra=("--max-batch-size", "4"))
     batch = stack.cli("submit", str(path)).stdout.strip()
     dbname = stack.env["BIGMODEL_DATABASE_URL"].rsplit("/", 1)[1]
+    done = 0
     for _ in range(3):
-        wait_until(lambda: counts(stack, batch)["running"], what="work in flight")
+        def progressed(seen=done):
+            now = counts(stack, batch)
+            return now["running"] and now["succeeded"] > seen and now["succeeded"]
+
+        done = wait_until(progressed, what="progress since the last drop")
         time.sleep(random.uniform(0, 0.3))
         with psycopg.connect(stack.env["BIGMODEL_DATABASE_URL"], autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()[0]
         assert killed >= 1
-    assert_exactly_once(stack, batch, 200, max_attempts=2)
+    assert_exactly_once(stack, batch, 300, max_attempts=2)
 
 
 class Proxy:
@@ -293,11 +314,11 @@ def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
 
     The model sleeps 1.5 s per batch, so a request stays `running` long enough to be seen."""
     stack.env.update(FAST_RECOVERY, BIGMODEL_MAX_ATTEMPTS="3")
-    stack.cli("models", "register", "slow", "null:delay_ms=1500", "--task", "generate")
-    path = write_job(stack, 6, tokens=1, model="slow")
+    model = register_slow(stack, 1500)
+    path = write_job(stack, 6, tokens=1, model=model)
     batch = stack.cli("submit", str(path)).stdout.strip()
     name = "w1"
-    worker = stack.start_worker("slow", extra=("--max-batch-size", "8"), name=name)
+    worker = stack.start_worker(model, extra=("--max-batch-size", "8"), name=name)
     kills = 0
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -310,7 +331,7 @@ def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
             worker.wait()
             kills += 1
             name = f"w{kills + 1}"
-            worker = stack.start_worker("slow", extra=("--max-batch-size", "8"), name=name)
+            worker = stack.start_worker(model, extra=("--max-batch-size", "8"), name=name)
         time.sleep(0.05)
     final = stack.wait_final(batch)
     assert kills == 3, kills
