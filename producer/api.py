@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,11 @@ from bigmodel.core.batching import PRIORITIES
 from bigmodel.core.errors import BigModelError, LineError, SubmissionRejected
 from bigmodel.core.requests import parse_submission
 from bigmodel.core.settings import Settings, get_settings
-from bigmodel.core.status import BatchStatus, RequestStatus
+from bigmodel.core.status import COUNT_KEYS, BatchStatus, RequestStatus
 from bigmodel.ledger.audit import Audit, audit_batch
 from bigmodel.ledger.db import make_engine, require_schema, upgrade
 from bigmodel.ledger.finalize import finalize_batch, iter_records
+from bigmodel.ledger.models import utcnow
 from bigmodel.ledger.reconcile import Report, reconcile
 from bigmodel.ledger.repo import BatchInfo, Ledger, ModelInfo
 from bigmodel.storage import Storage, batch_key, open_storage
@@ -113,10 +114,11 @@ class Client:
         batch_id = "batch_" + uuid.uuid4().hex
         input_key = batch_key(self.settings.tenant, batch_id, "input.jsonl")
         self.storage.put(input_key, data, content_type="application/jsonl")
+        now = utcnow()
+        expires_at = now + window if window is not None else None
         pairs = self.ledger.create_batch(
             batch_id, specs, input_key=input_key, metadata=metadata, priority=priority,
-            versions={m.name: m.version for m in models},
-            expires_at=datetime.now(UTC) + window if window is not None else None,
+            versions={m.name: m.version for m in models}, expires_at=expires_at, created_at=now,
         )
         sizes = {m.name: m.batch_size for m in models}
         # Chunks of prompts of similar length: a chunk becomes a batch, and a batch is padded
@@ -133,7 +135,11 @@ class Client:
             raise BigModelError(
                 f"batch {batch_id} was recorded but could not be enqueued ({exc}); "
                 "it has been marked failed, nothing will run: submit it again") from exc
-        return self.ledger.get_batch(batch_id)
+        # The batch as committed (no second query: single-request submissions are frequent).
+        counts = dict.fromkeys(COUNT_KEYS, 0)
+        counts["total"] = counts[str(RequestStatus.QUEUED)] = len(specs)
+        return BatchInfo(batch_id, BatchStatus.QUEUED, counts, now, None, input_key, None, None,
+                         priority, expires_at)
 
     def _read(self, source: str | Path | bytes | Iterable[Mapping[str, Any]]) -> bytes:
         limit = self.settings.max_file_bytes

@@ -202,12 +202,13 @@ class Ledger:
         self, batch_id: str, specs: Sequence[RequestSpec], *, input_key: str | None,
         versions: dict[str, int], metadata: dict[str, Any] | None = None,
         priority: str = "normal", expires_at: datetime | None = None,
+        created_at: datetime | None = None,
     ) -> list[tuple[int, str]]:
         """Insert the batch and all its request rows in one transaction.
 
         Returns `(request_id, model)` in submission order, for enqueueing.
         """
-        now = utcnow()
+        now = created_at or utcnow()
         with self.Session.begin() as s:
             s.add(BatchRow(id=batch_id, tenant=self.tenant, status=str(BatchStatus.QUEUED),
                            priority=priority, total=len(specs), input_key=input_key,

@@ -30,6 +30,7 @@ def records(n, model="gen"):
 def test_submit_records_ledger_rows_input_file_and_chunked_messages(client, redis_client):
     info = client.submit(records(70), metadata={"team": "ops"})
     assert info.status == "queued" and info.counts["queued"] == 70
+    assert client.status(info.id).as_dict() == info.as_dict()  # what submit returned is stored
     # 70 requests in chunks of the model's batch size (8): 9 messages, not 70.
     assert redis_client.llen("bigmodel.model.gen") == 9
     raw = json.loads(redis_client.lindex("bigmodel.model.gen", 0))
