@@ -7,7 +7,9 @@ batch: `max_batch_size` requests, `max_wait_s` since the oldest arrived, or at o
 priority. See docs/architecture.md for the reasoning.
 
 Three things overlap: while the model thread runs batch N, this thread claims and decodes batch
-N+1 (inputs fetched on the decode pool) and persists batch N-1's results. Messages are
+N+1 (inputs fetched on the decode pool) and persists batch N-1's results. Batch N+1 is cut as
+late as it can be while still ready when the model frees up, so requests arriving during batch N
+join it (a model that is busy is what makes batches big). Messages are
 acknowledged only after their results are in the ledger (at-least-once; the ledger makes
 results exactly-once).
 """
@@ -51,10 +53,26 @@ class Work:
     future: Future[list[ItemResult]] | None = None
     started: float = field(default_factory=time.monotonic)
     isolate: bool = False
+    computing_since: float | None = None  # set by the model thread when it starts this batch
 
     @property
     def items(self) -> int:
         return len(self.claimed)
+
+
+class Ewma:
+    """An exponentially weighted moving average per key (0.0 until the first sample)."""
+
+    def __init__(self, weight: float = 0.3) -> None:
+        self.weight = weight
+        self.values: dict[str, float] = {}
+
+    def add(self, key: str, sample: float) -> None:
+        old = self.values.get(key)
+        self.values[key] = sample if old is None else old + self.weight * (sample - old)
+
+    def get(self, key: str) -> float:
+        return self.values.get(key, 0.0)
 
 
 class BatchingConsumer:
@@ -77,6 +95,9 @@ class BatchingConsumer:
         self._next_lease = time.monotonic() + self.lease_every_s
         # Not at once: a fleet restarting together should not all reconcile in the same second.
         self._next_reconcile = time.monotonic() + min(self.reconcile_every_s, 5.0)
+        # Recent seconds per batch, per model: the model's compute and our claim + decode.
+        self.compute_s = Ewma()
+        self.prepare_s = Ewma()
 
     def run(self) -> None:
         """Consume until `stop` is set; reconnect to the broker after a connection loss."""
@@ -125,8 +146,9 @@ class BatchingConsumer:
         # that if it kills this worker too, no innocent request is charged an attempt.
         isolated = any(w.isolate for w in self.inflight)
         if not self.stop.is_set() and len(self.inflight) < 2 and not isolated:
+            now = time.monotonic()
             decision = collate([p.chunk for p in self.pending], max_items=self.max_batch_size,
-                               max_wait_s=self.max_wait_s, now=time.monotonic())
+                               max_wait_s=self.max_wait_s, now=now, busy_s=self._busy_s(now))
             if decision.take and not (self.inflight
                                       and self.pending[decision.take[0]].chunk.isolate):
                 self._launch(decision.take)
@@ -139,6 +161,29 @@ class BatchingConsumer:
             conn.drain_events(timeout=max(wait_s, 0.001))
         except TimeoutError:
             pass
+
+    def _busy_s(self, now: float) -> float:
+        """How much longer the model will likely be busy, less the time to prepare a batch.
+
+        Zero when the model is idle or about to be: then a batch that is not full closes on
+        `max_wait_s` as usual. While it is busy, pending requests gather into a bigger batch
+        instead of being cut into a small one that would only wait for the model.
+        """
+        running = [w for w in self.inflight if w.future is not None and not w.future.done()]
+        if not running:
+            return 0.0
+        work = running[-1]
+        since = work.computing_since if work.computing_since is not None else now
+        left = self.compute_s.get(work.model) - (now - since)
+        return max(0.0, left - self.prepare_s.get(work.model))
+
+    def _compute(self, work: Work) -> list[ItemResult]:
+        """Runs on the model thread."""
+        work.computing_since = time.monotonic()
+        try:
+            return self.runtime.compute(work.model, work.prepared)
+        finally:
+            self.compute_s.add(work.model, time.monotonic() - work.computing_since)
 
     def _housekeeping(self) -> None:
         """Extend the leases of in-flight requests; reconcile the ledger now and then."""
@@ -165,6 +210,7 @@ class BatchingConsumer:
         priority = min((p.chunk.priority for p in chosen), key=PRIORITIES.index)
         ids = [i for p in chosen for i in p.ids]
         messages = [p.message for p in chosen]
+        began = time.monotonic()
         try:
             claimed, prepared = self.runtime.start(model, ids)
         except Exception:
@@ -173,10 +219,11 @@ class BatchingConsumer:
                 m.requeue()
             self.stop.wait(2.0)
             return
+        self.prepare_s.add(model, time.monotonic() - began)
         work = Work(model, priority, messages, claimed, prepared,
                     isolate=any(p.chunk.isolate for p in chosen))
         if prepared is not None:
-            work.future = self.model_thread.submit(self.runtime.compute, model, prepared)
+            work.future = self.model_thread.submit(self._compute, work)
         self.inflight.append(work)
 
     def _reap(self) -> None:

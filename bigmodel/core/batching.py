@@ -5,8 +5,11 @@ Two decisions are made here, both testable without sleeping or a broker:
 - `collate`: which pending chunk messages form the next batch, and how long to wait for more.
   A batch closes when it holds `max_items` requests, when its oldest chunk has waited
   `max_wait_s` (Triton's max_batch_size / max_queue_delay), or at once when high-priority work
-  is pending. Within one model, chunks are taken by priority, then by arrival. An `isolate`
-  chunk (requests whose worker died) always runs alone.
+  is pending. While the model is still busy with the batch before (`busy_s`), a batch that is
+  not full keeps gathering: its requests would wait for the model anyway, so they may as well
+  wait in a bigger batch (as Triton's scheduler forms a batch only when an instance frees up).
+  Within one model, chunks are taken by priority, then by arrival. An `isolate` chunk
+  (requests whose worker died) always runs alone.
 - `split_batches`: how the claimed items of one model are cut into forward passes: compatible
   items only, sorted by length, at most `max_batch_size` items and, if given, at most
   `max_batch_tokens` padded tokens (TGI's max-batch-total-tokens).
@@ -40,7 +43,12 @@ class Decision:
 
 
 def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
-            now: float) -> Decision:
+            now: float, busy_s: float = 0.0) -> Decision:
+    """The next batch to launch from `pending`, or how long to wait.
+
+    `busy_s`: how much longer the model is expected to be busy before it could start a batch
+    launched now (the running batch's expected remainder less the time to prepare the next).
+    """
     if max_items < 1:
         raise ValueError(f"max_items must be >= 1, got {max_items}")
     if not pending:
@@ -57,9 +65,9 @@ def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
     total = sum(pending[i].items for i in mine)
     oldest = min(pending[i].arrived_s for i in mine)
     urgent = pending[first].priority == "high"
-    waited = now - oldest
-    if total < max_items and waited < max_wait_s and not urgent:
-        return Decision([], max_wait_s - waited)
+    hold = max(max_wait_s - (now - oldest), busy_s)
+    if total < max_items and hold > 0 and not urgent:
+        return Decision([], hold)
     take: list[int] = []
     count = 0
     for i in mine:

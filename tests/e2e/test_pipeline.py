@@ -277,3 +277,40 @@ def test_high_priority_overtakes_a_low_priority_backlog(stack):
     # Served ahead of the backlog, not after it.
     assert backlog["status"] == "in_progress" and backlog["counts"]["queued"] >= 40, backlog
     assert stack.wait_final(low)["counts"]["succeeded"] == 200
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_single_requests_arriving_while_the_model_is_busy_form_one_batch(stack):
+    """Ten one-request submissions arrive while the worker's model is busy for 2 s: the window
+    (--max-wait-ms 20) closes long before the model frees up, yet they run as one batch rather
+    than being cut into a small batch at 20 ms and the rest after it."""
+    from bigmodel.core.settings import Settings
+    from producer.api import Client
+
+    client = Client(Settings(home=stack.home / "home", broker_url=stack.env["BIGMODEL_BROKER_URL"],
+                             database_url=stack.env["BIGMODEL_DATABASE_URL"],
+                             storage_url=stack.env["BIGMODEL_STORAGE_URL"],
+                             s3_endpoint_url=stack.env["BIGMODEL_S3_ENDPOINT_URL"]))
+    try:
+        client.register_model("busy", "null:delay_ms=2000", task="generate")
+        stack.start_worker("busy", extra=("--max-batch-size", "16", "--max-wait-ms", "20"))
+
+        def one(custom_id: str) -> str:
+            return client.submit([{"custom_id": custom_id, "model": "busy",
+                                   "input": {"prompt": "ping"}}]).id
+
+        # Two rounds: the first teaches the worker how long a batch takes.
+        for round_ in range(2):
+            first = one(f"first-{round_}")
+            deadline = time.monotonic() + 60
+            while client.status(first).counts["running"] == 0:
+                assert time.monotonic() < deadline, "the first request never started"
+                time.sleep(0.02)
+            singles = [one(f"single-{round_}-{i}") for i in range(10)]
+            for batch_id in [first, *singles]:
+                assert client.wait(batch_id, timeout_s=60).status == "completed"
+        claims = stack.sql("SELECT count(DISTINCT started_at) FROM requests "
+                           "WHERE custom_id LIKE 'single-1-%'")[0][0]
+        assert claims == 1, f"the ten single requests ran in {claims} batches"
+    finally:
+        client.close()

@@ -28,6 +28,24 @@ def test_closes_as_soon_as_the_batch_is_full_and_leaves_the_rest():
     assert collate(pending[2:], max_items=8, max_wait_s=1.0, now=10.004).take == []
 
 
+def test_keeps_gathering_past_the_window_while_the_model_is_busy():
+    pending = [chunk(1, 10.0), chunk(2, 10.01)]
+    # The window closed, but the model needs 0.3 s more before it could start this batch.
+    d = collate(pending, max_items=8, max_wait_s=0.05, now=10.1, busy_s=0.3)
+    assert d.take == [] and d.wait_s == pytest.approx(0.3)
+    # Once it is about to be free (busy_s 0) the batch goes, with whatever arrived meanwhile.
+    grown = [*pending, chunk(3, 10.2)]
+    assert collate(grown, max_items=8, max_wait_s=0.05, now=10.4, busy_s=0.0).take == [0, 1, 2]
+    # A full batch, or high priority, does not wait for the model to be nearly free.
+    full = [chunk(4, 10.0), chunk(4, 10.01)]
+    assert collate(full, max_items=8, max_wait_s=0.05, now=10.02, busy_s=5.0).take == [0, 1]
+    urgent = [chunk(1, 10.0, "high")]
+    assert collate(urgent, max_items=8, max_wait_s=0.05, now=10.0, busy_s=5.0).take == [0]
+    # Within the window, whichever is longer is waited for.
+    d = collate(pending, max_items=8, max_wait_s=0.05, now=10.02, busy_s=0.01)
+    assert d.take == [] and d.wait_s == pytest.approx(0.03)
+
+
 def test_a_chunk_bigger_than_the_batch_still_goes_alone():
     assert collate([chunk(50, 0.0), chunk(1, 0.1)], max_items=8, max_wait_s=1, now=0.2).take == [0]
 
