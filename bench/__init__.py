@@ -45,11 +45,15 @@ submit (5)  requests per second of `client.submit(path)` for a JSONL file (null 
           running): validation, storing input.jsonl, inserting the ledger rows, sending chunk
           messages.
 batching (6)  average formed batch: 1,000 one-request submissions sent from 4 threads at once
-          while a worker (`--max-batch-size 32 --max-wait-ms 50`, null model) runs. A claim stamps
+          to a worker with `--max-batch-size 32 --max-wait-ms 50`, twice: the resnet18 model of
+          section 1 (each request one of its s3:// JPEGs), and the null model. A claim stamps
           every request it takes with one `started_at`, so requests grouped by (worker,
-          started_at) are one formed batch; average = requests / groups. The worker log's
-          "processed N requests from M messages" lines are shown as a cross-check, and the arrival
-          rate, which bounds what any wait window can gather.
+          started_at) are one formed batch; average = requests / groups. The details give the
+          arrival rate, the items/s from the first submit until all are final, and the worker
+          log's "processed N requests from M messages" lines as a cross-check. A busy model
+          lets requests gather (a batch is cut when the model is about to free up); with the
+          null model nothing is ever busy, so its batches hold what arrives within the wait
+          window.
 latency (7)  p50 / p95 of submit call → result final (polled every 5 ms) for a single request
           with `priority="high"`, to an idle null-model worker and to one busy with low-priority
           bulk work (the backlog is topped up before every probe; the details give the backlog

@@ -12,7 +12,7 @@ class Config:
     device: str = "cpu"
     image_ref: str = "s3"  # how images are referenced in both runs: s3:// objects or data: URIs
     # 1-3: in-process limit vs end to end
-    classify_n: int = 256
+    classify_n: int = 512
     classify_batch: int = 32
     generate_n: int = 48
     generate_batch: int = 8

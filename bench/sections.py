@@ -29,10 +29,20 @@ class Ctx:
     report: Report
     models_dir: Path
     _noop: Any = None
+    _classifier: Any = None
 
     @property
     def client(self):
         return self.stack.client
+
+    def classifier(self):
+        """resnet18 (1,000 classes, random weights), registered once per run."""
+        if self._classifier is None:
+            folder = workloads.build_classifier(self.models_dir / "resnet18-1000")
+            self._classifier = self.client.register_model(
+                "bench-resnet18", str(folder), task="classify", arch=workloads.CLASSIFY_ARCH,
+                batch_size=self.cfg.classify_batch)
+        return self._classifier
 
     def noop(self):
         """The `null:` model (no work: the pipeline's own cost), registered once per run."""
@@ -226,10 +236,8 @@ def section_classify(ctx: Ctx) -> None:
     rows = ctx.report.section("classify", ["in-process", "end-to-end", "e2e / in-process"])
     ctx.report.progress(f"classify: resnet18 (1,000 classes, random weights), "
                         f"{cfg.classify_n} JPEGs at 224 px as {cfg.image_ref} references")
-    folder = workloads.build_classifier(ctx.models_dir / "resnet18-1000")
+    info = ctx.classifier()
     refs = workloads.image_refs(client.storage, cfg.classify_n, mode=cfg.image_ref)
-    info = client.register_model("bench-resnet18", str(folder), task="classify",
-                                 arch=workloads.CLASSIFY_ARCH, batch_size=cfg.classify_batch)
     requests = workloads.classify_requests(info.name, refs)
 
     def top1(a: dict | None, b: dict | None) -> bool:
@@ -333,68 +341,101 @@ def section_submit(ctx: Ctx) -> None:
 # -- 6: formed batch size -----------------------------------------------------------------------
 
 def section_batching(ctx: Ctx) -> None:
+    """1,000 one-request submissions at once, twice: to a resnet18 worker, whose model time lets
+    requests gather while it is busy, and to a null-model worker, where only the wait window can
+    gather them (so its batches are bounded by arrivals x --max-wait-ms)."""
+    cfg, client = ctx.cfg, ctx.client
+    rows = ctx.report.section("batching", ["average formed batch (resnet18)",
+                                           "average formed batch (null model)"])
+    n = cfg.batching_n
+    with ctx.report.guard(rows["average formed batch (resnet18)"]) as row:
+        info = ctx.classifier()
+        refs = workloads.image_refs(client.storage, min(n, cfg.classify_n), mode=cfg.image_ref)
+
+        def image(i: int) -> dict:
+            return {"custom_id": f"one-{i:05d}", "model": info.name,
+                    "input": {"image": refs[i % len(refs)]}, "params": {"top_k": 5}}
+
+        _formed_batches(ctx, row, info.name, image, warm=[image(i) for i in range(8)],
+                        what="images (resnet18)")
+    with ctx.report.guard(rows["average formed batch (null model)"]) as row:
+        ctx.noop()
+
+        def ping(i: int) -> dict:
+            return {"custom_id": f"one-{i:05d}", "model": workloads.NULL_MODEL,
+                    "input": {"prompt": "ping"}}
+
+        _formed_batches(ctx, row, workloads.NULL_MODEL, ping,
+                        warm=workloads.null_requests(1, prefix="warm"), what="pings (null model)")
+
+
+def _formed_batches(ctx: Ctx, row: Row, model: str, request: Callable[[int], dict], *,
+                    warm: list[dict], what: str) -> None:
     from sqlalchemy import func, select
 
     from bigmodel.core.status import REQUEST_FINAL
     from bigmodel.ledger.models import RequestRow
 
     cfg, stack = ctx.cfg, ctx.stack
-    rows = ctx.report.section("batching", ["average formed batch"])
-    with ctx.report.guard(rows["average formed batch"]) as row:
-        ctx.noop()
-        stack.reset()
-        n, threads = cfg.batching_n, cfg.batching_threads
-        ctx.report.progress(f"batching: {n:,} one-request submissions from {threads} threads, "
-                            f"worker --max-batch-size {cfg.batching_max_batch} "
-                            f"--max-wait-ms {cfg.batching_wait_ms:.0f}")
-        worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=cfg.batching_max_batch,
-                              max_wait_ms=cfg.batching_wait_ms)
-        try:
-            run_batch(ctx, workloads.null_requests(1, prefix="warm"), worker=worker)
-            offset = worker.log_size()
-            window, last_submit = _submit_singles(ctx, n, threads)
-            ctx.report.progress(f"submitted {n:,} in {window:.1f}s; waiting for the results")
-            final = [str(s) for s in REQUEST_FINAL]
-            ours = RequestRow.custom_id.like("one-%")
-            deadline = time.monotonic() + cfg.timeout_s
-            while True:
-                with ctx.client.engine.connect() as conn:
-                    done = conn.scalar(select(func.count()).where(
-                        ours, RequestRow.status.in_(final)))
-                if done >= n:
-                    drain = time.perf_counter() - last_submit
-                    break
-                worker.check()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{done}/{n} single requests final after "
-                                       f"{cfg.timeout_s:.0f}s")
-                time.sleep(0.1)
-            flushes = flush_sizes(worker, offset)
-        finally:
-            stack.stop_worker(worker)
-        # One claim (UPDATE ... RETURNING) stamps all the requests it takes with one started_at:
-        # requests sharing (worker, started_at) went through the model together.
-        with ctx.client.engine.connect() as conn:
-            groups = conn.execute(
-                select(RequestRow.worker, RequestRow.started_at, func.count())
-                .where(ours).group_by(RequestRow.worker, RequestRow.started_at)).all()
-        sizes = sorted(g[2] for g in groups)
-        avg = n / len(sizes)
-        log_avg = f"{statistics.mean(flushes):.1f} over {len(flushes)} flushes" if flushes \
-            else "no flush lines"
-        row.set(avg, "requests/batch", f"{avg:.1f} requests/batch",
-                f"{len(sizes)} batches (grouped by claim: worker + started_at), sizes "
-                f"{sizes[0]}–{sizes[-1]}, median {statistics.median(sizes):g}; arrivals "
-                f"{n / window:.0f}/s over {window:.1f}s, all results final {drain:.1f}s after "
-                f"the last; worker log: {log_avg}",
-                batches=len(sizes), sizes=sizes, arrival_per_s=n / window, drain_s=drain,
-                log_flush_sizes=flushes)
+    stack.reset()
+    n, threads = cfg.batching_n, cfg.batching_threads
+    ctx.report.progress(f"batching: {n:,} one-request submissions of {what} from {threads} "
+                        f"threads, worker --max-batch-size {cfg.batching_max_batch} "
+                        f"--max-wait-ms {cfg.batching_wait_ms:.0f}")
+    worker = start_worker(ctx, model, max_batch_size=cfg.batching_max_batch,
+                          max_wait_ms=cfg.batching_wait_ms)
+    try:
+        run_batch(ctx, warm, worker=worker)
+        offset = worker.log_size()
+        started, window, last_submit = _submit_singles(ctx, request, n, threads)
+        ctx.report.progress(f"submitted {n:,} in {window:.1f}s; waiting for the results")
+        final = [str(s) for s in REQUEST_FINAL]
+        ours = RequestRow.custom_id.like("one-%")
+        deadline = time.monotonic() + cfg.timeout_s
+        while True:
+            with ctx.client.engine.connect() as conn:
+                done = conn.scalar(select(func.count()).where(ours, RequestRow.status.in_(final)))
+            if done >= n:
+                finished = time.perf_counter()
+                break
+            worker.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done}/{n} single requests final after "
+                                   f"{cfg.timeout_s:.0f}s")
+            time.sleep(0.1)
+        flushes = flush_sizes(worker, offset)
+    finally:
+        stack.stop_worker(worker)
+    # One claim (UPDATE ... RETURNING) stamps all the requests it takes with one started_at:
+    # requests sharing (worker, started_at) went through the model together.
+    with ctx.client.engine.connect() as conn:
+        groups = conn.execute(
+            select(RequestRow.worker, RequestRow.started_at, func.count())
+            .where(ours).group_by(RequestRow.worker, RequestRow.started_at)).all()
+        failed = conn.scalar(select(func.count()).where(ours, RequestRow.status != "succeeded"))
+    sizes = sorted(g[2] for g in groups)
+    avg = n / len(sizes)
+    log_avg = f"{statistics.mean(flushes):.1f} over {len(flushes)} flushes" if flushes \
+        else "no flush lines"
+    throughput = n / (finished - started)
+    row.set(avg, "requests/batch",
+            f"{avg:.1f} requests/batch ({avg / cfg.batching_max_batch:.2f} x max)",
+            f"{len(sizes)} batches (grouped by claim: worker + started_at), sizes "
+            f"{sizes[0]}–{sizes[-1]}, median {statistics.median(sizes):g}; arrivals "
+            f"{n / window:.0f}/s over {window:.1f}s; first submit → all final "
+            f"{finished - started:.1f}s ({rate(throughput)} items/s, all final "
+            f"{finished - last_submit:.1f}s after the last submit); {failed} not succeeded; "
+            f"worker log: {log_avg}",
+            batches=len(sizes), sizes=sizes, arrival_per_s=n / window,
+            items_per_s=throughput, failed=failed, log_flush_sizes=flushes)
 
 
-def _submit_singles(ctx: Ctx, n: int, threads: int) -> tuple[float, float]:
+def _submit_singles(ctx: Ctx, request: Callable[[int], dict], n: int, threads: int
+                    ) -> tuple[float, float, float]:
     """Submit `n` one-line batches from `threads` threads released together.
 
-    Returns the submission window in seconds and the perf_counter time of the last submit.
+    Returns the perf_counter time of the release, the submission window in seconds and the
+    perf_counter time of the last submit.
     """
     stop = threading.Event()
     barrier = threading.Barrier(threads + 1)
@@ -409,8 +450,7 @@ def _submit_singles(ctx: Ctx, n: int, threads: int) -> tuple[float, float]:
             for i in range(k, n, threads):
                 if stop.is_set():
                     return
-                client.submit([{"custom_id": f"one-{i:05d}", "model": workloads.NULL_MODEL,
-                                "input": {"prompt": "ping"}}])
+                client.submit([request(i)])
                 with lock:
                     stamps.append(time.perf_counter())
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
@@ -434,7 +474,7 @@ def _submit_singles(ctx: Ctx, n: int, threads: int) -> tuple[float, float]:
         raise
     if errors:
         raise errors[0]
-    return max(stamps) - started, max(stamps)
+    return started, max(stamps) - started, max(stamps)
 
 
 # -- 7: latency of one high-priority request ---------------------------------------------------

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation: most padded tokens (rows x (prompt + new tokens)) in one "
                    "generate call (default: 32768)")
     p.add_argument("--max-wait-ms", type=float, default=20.0, metavar="M",
-                   help="how long to wait for more messages to fill a batch (default: 20)")
+                   help="how long an idle model waits for more messages to fill a batch; while "
+                        "it is busy, a batch gathers until it frees up (default: 20)")
     p.add_argument("--name", default=None,
                    help="worker name recorded on the requests it runs (default: host:pid)")
     p.add_argument("--loglevel", default=os.environ.get("BIGMODEL_LOGLEVEL", "INFO"),
