@@ -40,6 +40,16 @@ class Config:
 
 
 DEFAULT = Config()
-QUICK = replace(DEFAULT, classify_n=64, generate_n=16, null_n=5_000, submit_n=5_000,
-                batching_n=400, latency_samples=10, latency_bulk=2_000,
-                latency_busy_budget_s=25.0, memory_last=10_000, timeout_s=300.0)
+QUICK = replace(
+    DEFAULT,
+    classify_n=64,
+    generate_n=16,
+    null_n=5_000,
+    submit_n=5_000,
+    batching_n=400,
+    latency_samples=10,
+    latency_bulk=2_000,
+    latency_busy_budget_s=25.0,
+    memory_last=10_000,
+    timeout_s=300.0,
+)

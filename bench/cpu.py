@@ -60,8 +60,13 @@ def _service_seconds() -> dict[int, float]:
 def _own_seconds(live_pids: Iterable[int]) -> float:
     me = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (me.ru_utime + me.ru_stime + reaped.ru_utime + reaped.ru_stime
-            + sum(_pid_seconds(p) for p in live_pids))
+    return (
+        me.ru_utime
+        + me.ru_stime
+        + reaped.ru_utime
+        + reaped.ru_stime
+        + sum(_pid_seconds(p) for p in live_pids)
+    )
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,12 @@ class CpuMeter:
 
     def sample(self) -> Sample:
         busy = _busy_ticks()
-        return Sample(time.perf_counter(), None if busy is None else busy / _TICK,
-                      _own_seconds(self.live_pids()), _service_seconds())
+        return Sample(
+            time.perf_counter(),
+            None if busy is None else busy / _TICK,
+            _own_seconds(self.live_pids()),
+            _service_seconds(),
+        )
 
     def share(self, a: Sample, b: Sample) -> float | None:
         if a.busy_s is None or b.busy_s is None or b.wall - a.wall < 1.0:

@@ -36,8 +36,9 @@ class Row:
     def pending(self) -> bool:
         return self.display is None and self.error is None
 
-    def set(self, value: float | None, unit: str | None, display: str, details: str = "",
-            **data: Any) -> None:
+    def set(
+        self, value: float | None, unit: str | None, display: str, details: str = "", **data: Any
+    ) -> None:
         self.value, self.unit, self.display, self.details = value, unit, display, details
         self.data.update(data)
 
@@ -89,9 +90,12 @@ class Report:
         self.console.print(
             f"[bold]bigmodel benchmark[/]  {m.get('cpu_model', '?')} · {m.get('cores', '?')} "
             f"cores · {m.get('ram_gib', '?')} GiB RAM · torch {m.get('torch', '?')} "
-            f"({m.get('torch_threads', '?')} threads) · device {m.get('device', '?')}")
-        self.console.print(f"[dim]python {m.get('python')} · transformers "
-                           f"{m.get('transformers')} · {m.get('platform')}")
+            f"({m.get('torch_threads', '?')} threads) · device {m.get('device', '?')}"
+        )
+        self.console.print(
+            f"[dim]python {m.get('python')} · transformers "
+            f"{m.get('transformers')} · {m.get('platform')}"
+        )
 
     def table(self, title: str) -> Table:
         table = Table(title=title, show_lines=False)
@@ -112,9 +116,14 @@ class Report:
         return table
 
     def to_json(self, path: Path, **extra: Any) -> None:
-        doc = {"machine": self.machine, "options": self.options, **extra,
-               "sections": self.sections, "notes": self.notes,
-               "rows": [asdict(r) for r in self.rows]}
+        doc = {
+            "machine": self.machine,
+            "options": self.options,
+            **extra,
+            "sections": self.sections,
+            "notes": self.notes,
+            "rows": [asdict(r) for r in self.rows],
+        }
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
 
 

@@ -40,15 +40,20 @@ class Ctx:
         if self._classifier is None:
             folder = workloads.build_classifier(self.models_dir / "resnet18-1000")
             self._classifier = self.client.register_model(
-                "bench-resnet18", str(folder), task="classify", arch=workloads.CLASSIFY_ARCH,
-                batch_size=self.cfg.classify_batch)
+                "bench-resnet18",
+                str(folder),
+                task="classify",
+                arch=workloads.CLASSIFY_ARCH,
+                batch_size=self.cfg.classify_batch,
+            )
         return self._classifier
 
     def noop(self):
         """The `null:` model (no work: the pipeline's own cost), registered once per run."""
         if self._noop is None:
             self._noop = self.client.register_model(
-                workloads.NULL_MODEL, "null:", task="generate", batch_size=workloads.NULL_BATCH)
+                workloads.NULL_MODEL, "null:", task="generate", batch_size=workloads.NULL_BATCH
+            )
         return self._noop
 
 
@@ -61,13 +66,15 @@ class BatchRun:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def start_worker(ctx: Ctx, model: str, *, max_batch_size: int,
-                 max_wait_ms: float | None = None) -> Worker:
+def start_worker(
+    ctx: Ctx, model: str, *, max_batch_size: int, max_wait_ms: float | None = None
+) -> Worker:
     started = time.perf_counter()
-    worker = ctx.stack.start_worker(model, max_batch_size=max_batch_size,
-                                    max_wait_ms=max_wait_ms)
-    ctx.report.progress(f"worker {worker.name} (pid {worker.pid}) consuming after "
-                        f"{time.perf_counter() - started:.1f}s")
+    worker = ctx.stack.start_worker(model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    ctx.report.progress(
+        f"worker {worker.name} (pid {worker.pid}) consuming after "
+        f"{time.perf_counter() - started:.1f}s"
+    )
     return worker
 
 
@@ -75,18 +82,26 @@ def rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:,.2f}"
 
 
-def run_batch(ctx: Ctx, requests: list[dict] | Path, *, worker: Worker | None,
-              poll_s: float = 0.05, **submit_kw: Any) -> BatchRun:
+def run_batch(
+    ctx: Ctx,
+    requests: list[dict] | Path,
+    *,
+    worker: Worker | None,
+    poll_s: float = 0.05,
+    **submit_kw: Any,
+) -> BatchRun:
     """Submit, then time until every result is final and until the batch itself is final."""
     client = ctx.client
     check = worker.check if worker is not None else None
     started = time.perf_counter()
     batch = client.submit(requests, **submit_kw)
     submit_s = time.perf_counter() - started
-    results_s, _ = wait_results(client, batch.id, started=started, timeout_s=ctx.cfg.timeout_s,
-                                poll_s=poll_s, check=check)
-    final_s, info = wait_batch_final(client, batch.id, started=started,
-                                     timeout_s=ctx.cfg.timeout_s, poll_s=poll_s, check=check)
+    results_s, _ = wait_results(
+        client, batch.id, started=started, timeout_s=ctx.cfg.timeout_s, poll_s=poll_s, check=check
+    )
+    final_s, info = wait_batch_final(
+        client, batch.id, started=started, timeout_s=ctx.cfg.timeout_s, poll_s=poll_s, check=check
+    )
     return BatchRun(batch.id, submit_s, results_s, final_s, dict(info.counts))
 
 
@@ -103,6 +118,7 @@ def percentile(values: list[float], p: float) -> float:
 
 # -- 1-3: in-process limit vs end to end --------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WorkerDefaults:
     """What `bigmodel worker` passes to `load_runner` and `RunLoop` when given no options
@@ -115,8 +131,10 @@ class WorkerDefaults:
         parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in self.loop.items()]
         accel = self.load.get("accel")
         if accel is not None:
-            parts += [f"{getattr(accel, 'dtype', '?')}",
-                      "channels-last" if getattr(accel, "channels_last", False) else ""]
+            parts += [
+                f"{getattr(accel, 'dtype', '?')}",
+                "channels-last" if getattr(accel, "channels_last", False) else "",
+            ]
         return "".join(f", {p}" for p in parts if p)
 
 
@@ -130,11 +148,13 @@ def worker_defaults(device: str) -> WorkerDefaults:
     if "accel" in inspect.signature(load_runner).parameters:
         from bigmodel.models import Accel
 
-        load["accel"] = Accel.for_device(device, dtype=args.dtype,
-                                         channels_last=args.channels_last)
+        load["accel"] = Accel.for_device(device, dtype=args.dtype, channels_last=args.channels_last)
     accepted = inspect.signature(RunLoop).parameters
-    loop = {name: getattr(args, name) for name in ("max_batch_tokens",)
-            if name in accepted and getattr(args, name, None) is not None}
+    loop = {
+        name: getattr(args, name)
+        for name in ("max_batch_tokens",)
+        if name in accepted and getattr(args, name, None) is not None
+    }
     return WorkerDefaults(load, loop)
 
 
@@ -152,8 +172,7 @@ def in_process(ctx: Ctx, info, requests: list[dict], batch_size: int) -> InProce
 
     items = [Item(i, r["input"], r.get("params", {})) for i, r in enumerate(requests)]
     defaults = worker_defaults(ctx.cfg.device)
-    runner = load_runner(info, device=ctx.cfg.device, settings=ctx.stack.settings,
-                         **defaults.load)
+    runner = load_runner(info, device=ctx.cfg.device, settings=ctx.stack.settings, **defaults.load)
     loop = RunLoop(runner, max_batch_size=batch_size, **defaults.loop)
     try:
         loop.run(items[:batch_size])  # warm-up: first passes, decode threads, S3 connections
@@ -168,8 +187,9 @@ def in_process(ctx: Ctx, info, requests: list[dict], batch_size: int) -> InProce
     return InProcess(seconds, outputs, sum(not r.ok for r in results))
 
 
-def end_to_end(ctx: Ctx, model: str, requests: list[dict], batch_size: int
-               ) -> tuple[BatchRun, dict[str, dict]]:
+def end_to_end(
+    ctx: Ctx, model: str, requests: list[dict], batch_size: int
+) -> tuple[BatchRun, dict[str, dict]]:
     """One real worker; a warm-up batch first; then submit → every result final."""
     stack = ctx.stack
     stack.reset()
@@ -184,9 +204,19 @@ def end_to_end(ctx: Ctx, model: str, requests: list[dict], batch_size: int
     return run, records
 
 
-def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batch_size: int,
-             what: str, describe: str, agree: Callable[[dict | None, dict | None], bool],
-             agree_label: str, tokens: Callable[[dict | None], int] | None = None) -> None:
+def _compare(
+    ctx: Ctx,
+    rows: dict[str, Row],
+    *,
+    info,
+    requests: list[dict],
+    batch_size: int,
+    what: str,
+    describe: str,
+    agree: Callable[[dict | None, dict | None], bool],
+    agree_label: str,
+    tokens: Callable[[dict | None], int] | None = None,
+) -> None:
     report, n = ctx.report, len(requests)
     inproc: InProcess | None = None
     with report.guard(rows["in-process"]) as row:
@@ -197,11 +227,17 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
         if tokens is not None:
             produced = sum(tokens(o) for o in inproc.outputs.values())
             extra = f"; {rate(produced / inproc.seconds)} new tokens/s"
-        row.set(r, "items/s", f"{rate(r)} items/s",
-                f"{n} {what} in {inproc.seconds:.1f}s, RunLoop max batch {batch_size}"
-                f"{worker_defaults(ctx.cfg.device).note()}, "
-                f"{describe}{extra}; {inproc.failed} failed",
-                seconds=inproc.seconds, items=n, failed=inproc.failed)
+        row.set(
+            r,
+            "items/s",
+            f"{rate(r)} items/s",
+            f"{n} {what} in {inproc.seconds:.1f}s, RunLoop max batch {batch_size}"
+            f"{worker_defaults(ctx.cfg.device).note()}, "
+            f"{describe}{extra}; {inproc.failed} failed",
+            seconds=inproc.seconds,
+            items=n,
+            failed=inproc.failed,
+        )
     e2e: BatchRun | None = None
     with report.guard(rows["end-to-end"]) as row:
         report.progress(f"{info.name}: end to end through one worker")
@@ -209,20 +245,29 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
         r = n / e2e.results_s
         same = ""
         if inproc is not None:
-            agreeing = sum(agree(inproc.outputs.get(cid), (rec or {}).get("output"))
-                           for cid, rec in records.items())
+            agreeing = sum(
+                agree(inproc.outputs.get(cid), (rec or {}).get("output"))
+                for cid, rec in records.items()
+            )
             same = f"; {agree_label} as in-process {agreeing}/{n}"
         extra = ""
         if tokens is not None:
             produced = sum(tokens((rec or {}).get("output")) for rec in records.values())
             extra = f"; {rate(produced / e2e.results_s)} new tokens/s"
         failed = e2e.counts.get("failed", 0)
-        row.set(r, "items/s", f"{rate(r)} items/s",
-                f"submit→results final {e2e.results_s:.1f}s (submit {e2e.submit_s:.2f}s, "
-                f"batch completed {e2e.final_s:.1f}s); worker --max-batch-size {batch_size}"
-                f"{extra}; {failed} failed{same}",
-                seconds=e2e.results_s, submit_s=e2e.submit_s, final_s=e2e.final_s, items=n,
-                failed=failed)
+        row.set(
+            r,
+            "items/s",
+            f"{rate(r)} items/s",
+            f"submit→results final {e2e.results_s:.1f}s (submit {e2e.submit_s:.2f}s, "
+            f"batch completed {e2e.final_s:.1f}s); worker --max-batch-size {batch_size}"
+            f"{extra}; {failed} failed{same}",
+            seconds=e2e.results_s,
+            submit_s=e2e.submit_s,
+            final_s=e2e.final_s,
+            items=n,
+            failed=failed,
+        )
     with report.guard(rows["e2e / in-process"]) as row:
         if inproc is None or e2e is None:
             row.set(None, None, "n/a", "needs both runs above")
@@ -234,8 +279,10 @@ def _compare(ctx: Ctx, rows: dict[str, Row], *, info, requests: list[dict], batc
 def section_classify(ctx: Ctx) -> None:
     cfg, client = ctx.cfg, ctx.client
     rows = ctx.report.section("classify", ["in-process", "end-to-end", "e2e / in-process"])
-    ctx.report.progress(f"classify: resnet18 (1,000 classes, random weights), "
-                        f"{cfg.classify_n} JPEGs at 224 px as {cfg.image_ref} references")
+    ctx.report.progress(
+        f"classify: resnet18 (1,000 classes, random weights), "
+        f"{cfg.classify_n} JPEGs at 224 px as {cfg.image_ref} references"
+    )
     info = ctx.classifier()
     refs = workloads.image_refs(client.storage, cfg.classify_n, mode=cfg.image_ref)
     requests = workloads.classify_requests(info.name, refs)
@@ -243,24 +290,35 @@ def section_classify(ctx: Ctx) -> None:
     def top1(a: dict | None, b: dict | None) -> bool:
         return bool(a and b) and a["labels"][0]["index"] == b["labels"][0]["index"]
 
-    _compare(ctx, rows, info=info, requests=requests, batch_size=cfg.classify_batch,
-             what="images", agree=top1, agree_label="same top-1 class",
-             describe=f"images as {'s3:// objects' if cfg.image_ref == 's3' else 'data: URIs'}")
+    _compare(
+        ctx,
+        rows,
+        info=info,
+        requests=requests,
+        batch_size=cfg.classify_batch,
+        what="images",
+        agree=top1,
+        agree_label="same top-1 class",
+        describe=f"images as {'s3:// objects' if cfg.image_ref == 's3' else 'data: URIs'}",
+    )
 
 
 def section_generate(ctx: Ctx) -> None:
     cfg, client = ctx.cfg, ctx.client
     rows = ctx.report.section("generate", ["in-process", "end-to-end", "e2e / in-process"])
-    ctx.report.progress(f"generate: GPT-2 small shape (12 layers, 768 dims, random weights), "
-                        f"{cfg.generate_n} prompts, {cfg.new_tokens} new tokens, greedy")
+    ctx.report.progress(
+        f"generate: GPT-2 small shape (12 layers, 768 dims, random weights), "
+        f"{cfg.generate_n} prompts, {cfg.new_tokens} new tokens, greedy"
+    )
     folder = workloads.build_gpt2_small(ctx.models_dir / "gpt2-small")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = workloads.make_prompts(cfg.generate_n)
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    info = client.register_model("bench-gpt2-small", str(folder), task="generate",
-                                 batch_size=cfg.generate_batch)
+    info = client.register_model(
+        "bench-gpt2-small", str(folder), task="generate", batch_size=cfg.generate_batch
+    )
     requests = workloads.generate_requests(info.name, prompts, new_tokens=cfg.new_tokens)
 
     def same_text(a: dict | None, b: dict | None) -> bool:
@@ -269,13 +327,23 @@ def section_generate(ctx: Ctx) -> None:
     def new_tokens(out: dict | None) -> int:
         return sum(s["tokens"] for s in out["sequences"]) if out else 0
 
-    _compare(ctx, rows, info=info, requests=requests, batch_size=cfg.generate_batch,
-             what="prompts", agree=same_text, agree_label="same text", tokens=new_tokens,
-             describe=f"prompts {min(lengths)}–{max(lengths)} tokens "
-                      f"(mean {statistics.mean(lengths):.0f}), {cfg.new_tokens} new, greedy")
+    _compare(
+        ctx,
+        rows,
+        info=info,
+        requests=requests,
+        batch_size=cfg.generate_batch,
+        what="prompts",
+        agree=same_text,
+        agree_label="same text",
+        tokens=new_tokens,
+        describe=f"prompts {min(lengths)}–{max(lengths)} tokens "
+        f"(mean {statistics.mean(lengths):.0f}), {cfg.new_tokens} new, greedy",
+    )
 
 
 # -- 4: orchestration ceiling -------------------------------------------------------------------
+
 
 def section_null(ctx: Ctx) -> None:
     cfg, stack = ctx.cfg, ctx.stack
@@ -283,30 +351,40 @@ def section_null(ctx: Ctx) -> None:
     with ctx.report.guard(rows["end-to-end ceiling"]) as row:
         ctx.noop()
         stack.reset()
-        ctx.report.progress(f"null model: {cfg.null_n:,} requests through one worker "
-                            f"(--max-batch-size {cfg.null_batch})")
+        ctx.report.progress(
+            f"null model: {cfg.null_n:,} requests through one worker "
+            f"(--max-batch-size {cfg.null_batch})"
+        )
         worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=cfg.null_batch)
         try:
-            run_batch(ctx, workloads.null_requests(2 * cfg.null_batch, prefix="warm"),
-                      worker=worker)
+            run_batch(
+                ctx, workloads.null_requests(2 * cfg.null_batch, prefix="warm"), worker=worker
+            )
             offset = worker.log_size()
-            run = run_batch(ctx, workloads.null_requests(cfg.null_n, prefix="req"),
-                            worker=worker)
+            run = run_batch(ctx, workloads.null_requests(cfg.null_n, prefix="req"), worker=worker)
             flushes = flush_sizes(worker, offset)
         finally:
             stack.stop_worker(worker)
         r = cfg.null_n / run.results_s
         mean_flush = f"{statistics.mean(flushes):.0f}" if flushes else "?"
-        row.set(r, "items/s", f"{rate(r)} items/s",
-                f"{cfg.null_n:,} requests (null: model, no compute) in {run.results_s:.1f}s, "
-                f"submit {run.submit_s:.1f}s of it; batch completed {run.final_s:.1f}s; "
-                f"{len(flushes)} flushes of {mean_flush} on average; "
-                f"{run.counts.get('failed', 0)} failed",
-                seconds=run.results_s, submit_s=run.submit_s, final_s=run.final_s,
-                items=cfg.null_n, flushes=len(flushes))
+        row.set(
+            r,
+            "items/s",
+            f"{rate(r)} items/s",
+            f"{cfg.null_n:,} requests (null: model, no compute) in {run.results_s:.1f}s, "
+            f"submit {run.submit_s:.1f}s of it; batch completed {run.final_s:.1f}s; "
+            f"{len(flushes)} flushes of {mean_flush} on average; "
+            f"{run.counts.get('failed', 0)} failed",
+            seconds=run.results_s,
+            submit_s=run.submit_s,
+            final_s=run.final_s,
+            items=cfg.null_n,
+            flushes=len(flushes),
+        )
 
 
 # -- 5: submit rate -----------------------------------------------------------------------------
+
 
 def section_submit(ctx: Ctx) -> None:
     import redis
@@ -318,8 +396,9 @@ def section_submit(ctx: Ctx) -> None:
     with ctx.report.guard(rows["JSONL → ledger + queue"]) as row:
         ctx.noop()
         stack.reset()
-        path = workloads.write_jsonl(stack.workdir / "submit.jsonl",
-                                     workloads.null_requests(cfg.submit_n, prefix="sub"))
+        path = workloads.write_jsonl(
+            stack.workdir / "submit.jsonl", workloads.null_requests(cfg.submit_n, prefix="sub")
+        )
         ctx.report.progress(f"submit: {cfg.submit_n:,} lines from a JSONL file, no worker")
         client.submit(workloads.null_requests(10, prefix="warm"))  # connections, first queries
         r = redis.Redis.from_url(stack.redis_url)
@@ -332,45 +411,68 @@ def section_submit(ctx: Ctx) -> None:
         stack.reset()
         size_mb = path.stat().st_size / 1e6
         value = cfg.submit_n / seconds
-        row.set(value, "requests/s", f"{rate(value)} requests/s",
-                f"{cfg.submit_n:,} lines ({size_mb:.1f} MB) in {seconds:.2f}s: validate, "
-                f"store input.jsonl, insert rows, send {messages} chunk messages",
-                seconds=seconds, lines=cfg.submit_n, messages=messages)
+        row.set(
+            value,
+            "requests/s",
+            f"{rate(value)} requests/s",
+            f"{cfg.submit_n:,} lines ({size_mb:.1f} MB) in {seconds:.2f}s: validate, "
+            f"store input.jsonl, insert rows, send {messages} chunk messages",
+            seconds=seconds,
+            lines=cfg.submit_n,
+            messages=messages,
+        )
 
 
 # -- 6: formed batch size -----------------------------------------------------------------------
+
 
 def section_batching(ctx: Ctx) -> None:
     """1,000 one-request submissions at once, twice: to a resnet18 worker, whose model time lets
     requests gather while it is busy, and to a null-model worker, where only the wait window can
     gather them (so its batches are bounded by arrivals x --max-wait-ms)."""
     cfg, client = ctx.cfg, ctx.client
-    rows = ctx.report.section("batching", ["average formed batch (resnet18)",
-                                           "average formed batch (null model)"])
+    rows = ctx.report.section(
+        "batching", ["average formed batch (resnet18)", "average formed batch (null model)"]
+    )
     n = cfg.batching_n
     with ctx.report.guard(rows["average formed batch (resnet18)"]) as row:
         info = ctx.classifier()
         refs = workloads.image_refs(client.storage, min(n, cfg.classify_n), mode=cfg.image_ref)
 
         def image(i: int) -> dict:
-            return {"custom_id": f"one-{i:05d}", "model": info.name,
-                    "input": {"image": refs[i % len(refs)]}, "params": {"top_k": 5}}
+            return {
+                "custom_id": f"one-{i:05d}",
+                "model": info.name,
+                "input": {"image": refs[i % len(refs)]},
+                "params": {"top_k": 5},
+            }
 
-        _formed_batches(ctx, row, info.name, image, warm=[image(i) for i in range(8)],
-                        what="images (resnet18)")
+        _formed_batches(
+            ctx, row, info.name, image, warm=[image(i) for i in range(8)], what="images (resnet18)"
+        )
     with ctx.report.guard(rows["average formed batch (null model)"]) as row:
         ctx.noop()
 
         def ping(i: int) -> dict:
-            return {"custom_id": f"one-{i:05d}", "model": workloads.NULL_MODEL,
-                    "input": {"prompt": "ping"}}
+            return {
+                "custom_id": f"one-{i:05d}",
+                "model": workloads.NULL_MODEL,
+                "input": {"prompt": "ping"},
+            }
 
-        _formed_batches(ctx, row, workloads.NULL_MODEL, ping,
-                        warm=workloads.null_requests(1, prefix="warm"), what="pings (null model)")
+        _formed_batches(
+            ctx,
+            row,
+            workloads.NULL_MODEL,
+            ping,
+            warm=workloads.null_requests(1, prefix="warm"),
+            what="pings (null model)",
+        )
 
 
-def _formed_batches(ctx: Ctx, row: Row, model: str, request: Callable[[int], dict], *,
-                    warm: list[dict], what: str) -> None:
+def _formed_batches(
+    ctx: Ctx, row: Row, model: str, request: Callable[[int], dict], *, warm: list[dict], what: str
+) -> None:
     from sqlalchemy import func, select
 
     from bigmodel.core.status import REQUEST_FINAL
@@ -379,11 +481,14 @@ def _formed_batches(ctx: Ctx, row: Row, model: str, request: Callable[[int], dic
     cfg, stack = ctx.cfg, ctx.stack
     stack.reset()
     n, threads = cfg.batching_n, cfg.batching_threads
-    ctx.report.progress(f"batching: {n:,} one-request submissions of {what} from {threads} "
-                        f"threads, worker --max-batch-size {cfg.batching_max_batch} "
-                        f"--max-wait-ms {cfg.batching_wait_ms:.0f}")
-    worker = start_worker(ctx, model, max_batch_size=cfg.batching_max_batch,
-                          max_wait_ms=cfg.batching_wait_ms)
+    ctx.report.progress(
+        f"batching: {n:,} one-request submissions of {what} from {threads} "
+        f"threads, worker --max-batch-size {cfg.batching_max_batch} "
+        f"--max-wait-ms {cfg.batching_wait_ms:.0f}"
+    )
+    worker = start_worker(
+        ctx, model, max_batch_size=cfg.batching_max_batch, max_wait_ms=cfg.batching_wait_ms
+    )
     try:
         run_batch(ctx, warm, worker=worker)
         offset = worker.log_size()
@@ -400,8 +505,7 @@ def _formed_batches(ctx: Ctx, row: Row, model: str, request: Callable[[int], dic
                 break
             worker.check()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{done}/{n} single requests final after "
-                                   f"{cfg.timeout_s:.0f}s")
+                raise TimeoutError(f"{done}/{n} single requests final after {cfg.timeout_s:.0f}s")
             time.sleep(0.1)
         flushes = flush_sizes(worker, offset)
     finally:
@@ -411,27 +515,40 @@ def _formed_batches(ctx: Ctx, row: Row, model: str, request: Callable[[int], dic
     with ctx.client.engine.connect() as conn:
         groups = conn.execute(
             select(RequestRow.worker, RequestRow.started_at, func.count())
-            .where(ours).group_by(RequestRow.worker, RequestRow.started_at)).all()
+            .where(ours)
+            .group_by(RequestRow.worker, RequestRow.started_at)
+        ).all()
         failed = conn.scalar(select(func.count()).where(ours, RequestRow.status != "succeeded"))
     sizes = sorted(g[2] for g in groups)
     avg = n / len(sizes)
-    log_avg = f"{statistics.mean(flushes):.1f} over {len(flushes)} flushes" if flushes \
+    log_avg = (
+        f"{statistics.mean(flushes):.1f} over {len(flushes)} flushes"
+        if flushes
         else "no flush lines"
+    )
     throughput = n / (finished - started)
-    row.set(avg, "requests/batch",
-            f"{avg:.1f} requests/batch ({avg / cfg.batching_max_batch:.2f} x max)",
-            f"{len(sizes)} batches (grouped by claim: worker + started_at), sizes "
-            f"{sizes[0]}–{sizes[-1]}, median {statistics.median(sizes):g}; arrivals "
-            f"{n / window:.0f}/s over {window:.1f}s; first submit → all final "
-            f"{finished - started:.1f}s ({rate(throughput)} items/s, all final "
-            f"{finished - last_submit:.1f}s after the last submit); {failed} not succeeded; "
-            f"worker log: {log_avg}",
-            batches=len(sizes), sizes=sizes, arrival_per_s=n / window,
-            items_per_s=throughput, failed=failed, log_flush_sizes=flushes)
+    row.set(
+        avg,
+        "requests/batch",
+        f"{avg:.1f} requests/batch ({avg / cfg.batching_max_batch:.2f} x max)",
+        f"{len(sizes)} batches (grouped by claim: worker + started_at), sizes "
+        f"{sizes[0]}–{sizes[-1]}, median {statistics.median(sizes):g}; arrivals "
+        f"{n / window:.0f}/s over {window:.1f}s; first submit → all final "
+        f"{finished - started:.1f}s ({rate(throughput)} items/s, all final "
+        f"{finished - last_submit:.1f}s after the last submit); {failed} not succeeded; "
+        f"worker log: {log_avg}",
+        batches=len(sizes),
+        sizes=sizes,
+        arrival_per_s=n / window,
+        items_per_s=throughput,
+        failed=failed,
+        log_flush_sizes=flushes,
+    )
 
 
-def _submit_singles(ctx: Ctx, request: Callable[[int], dict], n: int, threads: int
-                    ) -> tuple[float, float, float]:
+def _submit_singles(
+    ctx: Ctx, request: Callable[[int], dict], n: int, threads: int
+) -> tuple[float, float, float]:
     """Submit `n` one-line batches from `threads` threads released together.
 
     Returns the perf_counter time of the release, the submission window in seconds and the
@@ -459,8 +576,10 @@ def _submit_singles(ctx: Ctx, request: Callable[[int], dict], n: int, threads: i
         finally:
             client.close()
 
-    pool = [threading.Thread(target=submitter, args=(k,), daemon=True, name=f"submit-{k}")
-            for k in range(threads)]
+    pool = [
+        threading.Thread(target=submitter, args=(k,), daemon=True, name=f"submit-{k}")
+        for k in range(threads)
+    ]
     for t in pool:
         t.start()
     try:
@@ -479,6 +598,7 @@ def _submit_singles(ctx: Ctx, request: Callable[[int], dict], n: int, threads: i
 
 # -- 7: latency of one high-priority request ---------------------------------------------------
 
+
 def priority_supported() -> bool:
     from producer.api import Client
 
@@ -494,13 +614,20 @@ class Probe:
 
 def _probe(ctx: Ctx, i: int, submit_kw: dict[str, Any], worker: Worker) -> Probe:
     """One single-request batch, timed until its result is final (polled every 5 ms)."""
-    req = [{"custom_id": f"probe-{i:04d}", "model": workloads.NULL_MODEL,
-            "input": {"prompt": "ping"}}]
+    req = [
+        {"custom_id": f"probe-{i:04d}", "model": workloads.NULL_MODEL, "input": {"prompt": "ping"}}
+    ]
     started = time.perf_counter()
     batch = ctx.client.submit(req, **submit_kw)
     submit_s = time.perf_counter() - started
-    seconds, _ = wait_results(ctx.client, batch.id, started=started, timeout_s=ctx.cfg.timeout_s,
-                              poll_s=0.005, check=worker.check)
+    seconds, _ = wait_results(
+        ctx.client,
+        batch.id,
+        started=started,
+        timeout_s=ctx.cfg.timeout_s,
+        poll_s=0.005,
+        check=worker.check,
+    )
     return Probe(seconds, submit_s, batch.id)
 
 
@@ -513,16 +640,22 @@ def section_latency(ctx: Ctx) -> None:
     rows = ctx.report.section("latency p50 / p95", [idle_fig, busy_fig])
     if not supported and not cfg.latency_without_priority:
         for row in rows.values():
-            row.set(None, None, "n/a (priority not available)",
-                    "Client.submit has no `priority` parameter")
+            row.set(
+                None,
+                None,
+                "n/a (priority not available)",
+                "Client.submit has no `priority` parameter",
+            )
         return
     high = {"priority": "high"} if use_priority else {}
     low = {"priority": "low"} if use_priority else {}
     ctx.noop()
     ctx.stack.reset()
-    ctx.report.progress(f"latency: {cfg.latency_samples} single requests"
-                        f"{' at priority high' if use_priority else ''} to a null-model worker, "
-                        "idle then busy")
+    ctx.report.progress(
+        f"latency: {cfg.latency_samples} single requests"
+        f"{' at priority high' if use_priority else ''} to a null-model worker, "
+        "idle then busy"
+    )
     worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
     try:
         _probe(ctx, 0, high, worker)  # warm-up
@@ -532,22 +665,32 @@ def section_latency(ctx: Ctx) -> None:
                 probe = _probe(ctx, i + 1, high, worker)
                 probes.append(probe)
                 # Let the worker finish the batch (output files) so the next probe finds it idle.
-                wait_batch_final(ctx.client, probe.batch_id, started=time.perf_counter(),
-                                 timeout_s=cfg.timeout_s, poll_s=0.01, check=worker.check)
+                wait_batch_final(
+                    ctx.client,
+                    probe.batch_id,
+                    started=time.perf_counter(),
+                    timeout_s=cfg.timeout_s,
+                    poll_s=0.01,
+                    check=worker.check,
+                )
                 time.sleep(0.05)
             _latency_row(row, probes, "idle worker (nothing queued)", high)
         with ctx.report.guard(rows[busy_fig]) as row:
             probes, backlogs = _busy_probes(ctx, worker, high, low)
             bulk = "low-priority bulk work" if low else "bulk work of the same priority"
-            _latency_row(row, probes, f"worker busy with {bulk} (backlog "
-                         f"{min(backlogs):,}–{max(backlogs):,} queued at submit)", high,
-                         backlogs=backlogs)
+            _latency_row(
+                row,
+                probes,
+                f"worker busy with {bulk} (backlog "
+                f"{min(backlogs):,}–{max(backlogs):,} queued at submit)",
+                high,
+                backlogs=backlogs,
+            )
     finally:
         ctx.stack.stop_worker(worker)
 
 
-def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict
-                 ) -> tuple[list[Probe], list[int]]:
+def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict) -> tuple[list[Probe], list[int]]:
     """Probe while bulk work is queued; top the backlog up before each probe."""
     from sqlalchemy import func, select
 
@@ -560,8 +703,11 @@ def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict
         if not bulk:
             return 0
         with client.engine.connect() as conn:
-            return conn.scalar(select(func.count()).where(
-                RequestRow.batch_id.in_(bulk), RequestRow.status == "queued"))
+            return conn.scalar(
+                select(func.count()).where(
+                    RequestRow.batch_id.in_(bulk), RequestRow.status == "queued"
+                )
+            )
 
     probes: list[Probe] = []
     backlogs: list[int] = []
@@ -590,13 +736,22 @@ def _latency_row(row: Row, probes: list[Probe], what: str, high: dict, **data: A
     submit = [p.submit_s * 1000 for p in probes]
     p50, p95 = percentile(total, 50), percentile(total, 95)
     prio = "priority high" if high else "normal priority"
-    row.set(p50, "ms (p50)", f"{p50:.0f} / {p95:.0f} ms",
-            f"{len(probes)} single requests, {prio}, {what}; submit call → result final, max "
-            f"{max(total):.0f} ms; the submit call alone p50 {percentile(submit, 50):.0f} ms",
-            p50_ms=p50, p95_ms=p95, samples_ms=total, submit_ms=submit, **data)
+    row.set(
+        p50,
+        "ms (p50)",
+        f"{p50:.0f} / {p95:.0f} ms",
+        f"{len(probes)} single requests, {prio}, {what}; submit call → result final, max "
+        f"{max(total):.0f} ms; the submit call alone p50 {percentile(submit, 50):.0f} ms",
+        p50_ms=p50,
+        p95_ms=p95,
+        samples_ms=total,
+        submit_ms=submit,
+        **data,
+    )
 
 
 # -- 8: worker memory ---------------------------------------------------------------------------
+
 
 def section_memory(ctx: Ctx) -> None:
     cfg, stack = ctx.cfg, ctx.stack
@@ -605,17 +760,23 @@ def section_memory(ctx: Ctx) -> None:
     rows = ctx.report.section("worker memory", figs)
     ctx.noop()
     stack.reset()
-    ctx.report.progress(f"memory: VmRSS of a null-model worker after {first:,} and {last:,} "
-                        "requests")
+    ctx.report.progress(
+        f"memory: VmRSS of a null-model worker after {first:,} and {last:,} requests"
+    )
     worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
     try:
         ready = worker.rss_kib()
         run_batch(ctx, workloads.null_requests(first, prefix="m0"), worker=worker)
         time.sleep(0.5)
         rss1 = worker.rss_kib()
-        rows[figs[0]].set(rss1 / 1024, "MiB", f"{rss1 / 1024:.0f} MiB",
-                          f"VmRSS; {ready / 1024:.0f} MiB when it started consuming",
-                          rss_kib=rss1, ready_kib=ready)
+        rows[figs[0]].set(
+            rss1 / 1024,
+            "MiB",
+            f"{rss1 / 1024:.0f} MiB",
+            f"VmRSS; {ready / 1024:.0f} MiB when it started consuming",
+            rss_kib=rss1,
+            ready_kib=ready,
+        )
         done = first
         while done < last:
             k = min(25_000, last - done)
@@ -623,11 +784,21 @@ def section_memory(ctx: Ctx) -> None:
             done += k
         time.sleep(0.5)
         rss2, hwm = worker.rss_kib(), worker.hwm_kib()
-        rows[figs[1]].set(rss2 / 1024, "MiB", f"{rss2 / 1024:.0f} MiB",
-                          f"VmRSS; peak (VmHWM) {hwm / 1024:.0f} MiB", rss_kib=rss2, hwm_kib=hwm)
+        rows[figs[1]].set(
+            rss2 / 1024,
+            "MiB",
+            f"{rss2 / 1024:.0f} MiB",
+            f"VmRSS; peak (VmHWM) {hwm / 1024:.0f} MiB",
+            rss_kib=rss2,
+            hwm_kib=hwm,
+        )
         growth = (rss2 - rss1) / rss1 * 100
-        rows["growth"].set(growth, "%", f"{growth:+.1f} %",
-                           f"{(rss2 - rss1) / 1024:+.1f} MiB over {last - first:,} more requests")
+        rows["growth"].set(
+            growth,
+            "%",
+            f"{growth:+.1f} %",
+            f"{(rss2 - rss1) / 1024:+.1f} MiB over {last - first:,} more requests",
+        )
     finally:
         stack.stop_worker(worker)
 

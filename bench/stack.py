@@ -49,9 +49,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def _spawn(args: list[str], *, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        return subprocess.Popen(
+            args,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
 
 def _stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
@@ -103,8 +110,10 @@ class Worker:
     def check(self) -> None:
         """Raise if the worker has exited (with the end of its log)."""
         if self.proc.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}: "
-                               f"{_tail(self.log_path)}")
+            raise RuntimeError(
+                f"worker {self.name} exited with code {self.proc.returncode}: "
+                f"{_tail(self.log_path)}"
+            )
 
     def rss_kib(self) -> int:
         return proc_status_kib(self.pid, "VmRSS")
@@ -165,8 +174,12 @@ class Stack:
 
         with psycopg.connect(self.pg_admin_url, autocommit=True, connect_timeout=5) as admin:
             self.versions["postgresql"] = str(admin.execute("SHOW server_version").fetchone()[0])
-            names = [r[0] for r in admin.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'bigmodel\\_bench\\_%'")]
+            names = [
+                r[0]
+                for r in admin.execute(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'bigmodel\\_bench\\_%'"
+                )
+            ]
             self.stale = [n for n in names if n != self.db_name and _dead(n.rsplit("_", 1)[1])]
             admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
             admin.execute(f'CREATE DATABASE "{self.db_name}"')
@@ -175,8 +188,13 @@ class Stack:
         # The same credentials and endpoints here and in every worker; no stray BIGMODEL_*.
         for key in [k for k in os.environ if k.startswith("BIGMODEL_")]:
             del os.environ[key]
-        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
+        os.environ.update(
+            {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
         self._start_moto()
 
         import boto3
@@ -187,22 +205,27 @@ class Stack:
         from bigmodel.ledger.db import make_engine, upgrade
 
         home = self.workdir / "home"
-        self.settings = Settings(home=home, broker_url=self.redis_url,
-                                 database_url=self.database_url,
-                                 storage_url=f"s3://{BUCKET}/bench",
-                                 s3_endpoint_url=self.s3_endpoint)
+        self.settings = Settings(
+            home=home,
+            broker_url=self.redis_url,
+            database_url=self.database_url,
+            storage_url=f"s3://{BUCKET}/bench",
+            s3_endpoint_url=self.s3_endpoint,
+        )
         engine = make_engine(self.settings.database)
         upgrade(engine)
         engine.dispose()
         self.env = dict(os.environ)
-        self.env.update({
-            "BIGMODEL_HOME": str(home),
-            "BIGMODEL_BROKER_URL": self.redis_url,
-            "BIGMODEL_DATABASE_URL": self.database_url,
-            "BIGMODEL_STORAGE_URL": self.settings.storage_url,
-            "BIGMODEL_S3_ENDPOINT_URL": self.s3_endpoint,
-            "PYTHONUNBUFFERED": "1",
-        })
+        self.env.update(
+            {
+                "BIGMODEL_HOME": str(home),
+                "BIGMODEL_BROKER_URL": self.redis_url,
+                "BIGMODEL_DATABASE_URL": self.database_url,
+                "BIGMODEL_STORAGE_URL": self.settings.storage_url,
+                "BIGMODEL_S3_ENDPOINT_URL": self.s3_endpoint,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         self.client = self.new_client()
 
     def new_client(self):
@@ -213,8 +236,11 @@ class Stack:
     def _start_moto(self) -> None:
         port = free_port()
         log = self.workdir / "logs" / "moto.log"
-        self._moto = _spawn([sys.executable, "-m", "bench.moto_server", str(port)],
-                            log_path=log, env=dict(os.environ))
+        self._moto = _spawn(
+            [sys.executable, "-m", "bench.moto_server", str(port)],
+            log_path=log,
+            env=dict(os.environ),
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if "ready" in log.read_text(errors="replace"):
@@ -238,13 +264,30 @@ class Stack:
             return [str(script), "worker"]
         return [sys.executable, "-m", "workers"]
 
-    def start_worker(self, model: str, *, max_batch_size: int, max_wait_ms: float | None = None,
-                     ready_timeout_s: float = 300.0) -> Worker:
+    def start_worker(
+        self,
+        model: str,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float | None = None,
+        ready_timeout_s: float = 300.0,
+    ) -> Worker:
         """Start `bigmodel worker` and return once its log says it is consuming."""
         self._counter += 1
         name = f"bench-{model}-{self._counter}"
-        args = [*self.worker_command(), "--model", model, "--device", self.device,
-                "--max-batch-size", str(max_batch_size), "--name", name, "--loglevel", "INFO"]
+        args = [
+            *self.worker_command(),
+            "--model",
+            model,
+            "--device",
+            self.device,
+            "--max-batch-size",
+            str(max_batch_size),
+            "--name",
+            name,
+            "--loglevel",
+            "INFO",
+        ]
         if max_wait_ms is not None:
             args += ["--max-wait-ms", str(max_wait_ms)]
         log = self.workdir / "logs" / f"{name}.log"
@@ -256,8 +299,9 @@ class Stack:
                 return worker
             worker.check()
             time.sleep(0.1)
-        raise RuntimeError(f"worker {name} not consuming after {ready_timeout_s:.0f}s: "
-                           f"{_tail(log)}")
+        raise RuntimeError(
+            f"worker {name} not consuming after {ready_timeout_s:.0f}s: {_tail(log)}"
+        )
 
     def stop_worker(self, worker: Worker) -> None:
         _stop(worker.proc)
@@ -288,9 +332,13 @@ class Stack:
     def close(self) -> list[str]:
         """Stop every process started here and drop what was created; return any problems."""
         problems: list[str] = []
-        for what, step in (("workers", self.stop_workers), ("client", self._close_client),
-                           ("database", self._drop_db), ("redis", self._flush_redis),
-                           ("moto", self._stop_moto)):
+        for what, step in (
+            ("workers", self.stop_workers),
+            ("client", self._close_client),
+            ("database", self._drop_db),
+            ("redis", self._flush_redis),
+            ("moto", self._stop_moto),
+        ):
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - keep cleaning up
@@ -328,12 +376,14 @@ class Stack:
 
 # -- waiting on the ledger ----------------------------------------------------------------------
 
+
 def results_final(counts: dict[str, int]) -> bool:
     return counts["total"] > 0 and sum(counts[k] for k in FINAL_KEYS) == counts["total"]
 
 
-def wait_results(client, batch_id: str, *, started: float, timeout_s: float,
-                 poll_s: float = 0.05, check=None):
+def wait_results(
+    client, batch_id: str, *, started: float, timeout_s: float, poll_s: float = 0.05, check=None
+):
     """Poll `client.status` until every request of the batch is final in the database.
 
     The interval grows with the wait (at most 0.5% of it, up to 0.25 s) so that long runs are
@@ -353,8 +403,9 @@ def wait_results(client, batch_id: str, *, started: float, timeout_s: float,
         time.sleep(max(poll_s, min(0.25, (now - started) / 200)))
 
 
-def wait_batch_final(client, batch_id: str, *, started: float, timeout_s: float,
-                     poll_s: float = 0.05, check=None):
+def wait_batch_final(
+    client, batch_id: str, *, started: float, timeout_s: float, poll_s: float = 0.05, check=None
+):
     """Poll until the batch itself is final (output.jsonl and errors.jsonl written)."""
     deadline = time.perf_counter() + timeout_s
     while True:

@@ -80,8 +80,12 @@ def build_gpt2_small(folder: Path) -> Path:
         build_tiny_generator(folder, n_positions=GPT2_CONTEXT)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=GPT2_CONTEXT,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=GPT2_CONTEXT,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     _mark(folder, spec)
     return folder
@@ -118,19 +122,36 @@ def make_prompts(count: int, *, seed: int = 0) -> list[str]:
 
 
 def classify_requests(model: str, refs: list[str], *, prefix: str = "img") -> list[dict]:
-    return [{"custom_id": f"{prefix}-{i:05d}", "model": model, "input": {"image": ref},
-             "params": {"top_k": 5}} for i, ref in enumerate(refs)]
+    return [
+        {
+            "custom_id": f"{prefix}-{i:05d}",
+            "model": model,
+            "input": {"image": ref},
+            "params": {"top_k": 5},
+        }
+        for i, ref in enumerate(refs)
+    ]
 
 
-def generate_requests(model: str, prompts: list[str], *, new_tokens: int,
-                      prefix: str = "txt") -> list[dict]:
-    return [{"custom_id": f"{prefix}-{i:05d}", "model": model, "input": {"prompt": p},
-             "params": {"max_new_tokens": new_tokens}} for i, p in enumerate(prompts)]
+def generate_requests(
+    model: str, prompts: list[str], *, new_tokens: int, prefix: str = "txt"
+) -> list[dict]:
+    return [
+        {
+            "custom_id": f"{prefix}-{i:05d}",
+            "model": model,
+            "input": {"prompt": p},
+            "params": {"max_new_tokens": new_tokens},
+        }
+        for i, p in enumerate(prompts)
+    ]
 
 
 def null_requests(count: int, *, prefix: str, model: str = NULL_MODEL) -> list[dict]:
-    return [{"custom_id": f"{prefix}-{i:06d}", "model": model, "input": {"prompt": "ping"}}
-            for i in range(count)]
+    return [
+        {"custom_id": f"{prefix}-{i:06d}", "model": model, "input": {"prompt": "ping"}}
+        for i in range(count)
+    ]
 
 
 def write_jsonl(path: Path, requests: list[dict]) -> Path:

@@ -1,11 +1,11 @@
 """The Python API: submit, status, wait, results, cancel; and the model registry.
 
-    from producer import Client
-    client = Client()                     # settings from BIGMODEL_* variables
-    batch = client.submit("requests.jsonl")
-    client.wait(batch.id, progress=lambda b: print(b.counts))
-    for record in client.results(batch.id):
-        ...
+from producer import Client
+client = Client()                     # settings from BIGMODEL_* variables
+batch = client.submit("requests.jsonl")
+client.wait(batch.id, progress=lambda b: print(b.counts))
+for record in client.results(batch.id):
+    ...
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def parse_window(value: str | timedelta) -> timedelta:
     else:
         m = _WINDOW.match(str(value))
         if not m:
-            raise ValueError(f"completion window {value!r}: use a number and a unit, "
-                             "e.g. 24h, 30m, 90s or 7d")
+            raise ValueError(
+                f"completion window {value!r}: use a number and a unit, e.g. 24h, 30m, 90s or 7d"
+            )
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
         window = timedelta(**{unit: float(m.group(1))})
     if not timedelta(seconds=1) <= window <= timedelta(days=30):
@@ -78,23 +79,37 @@ class Client:
 
     # -- models -------------------------------------------------------------------------------
 
-    def register_model(self, name: str, source: str, *, task: str, arch: str | None = None,
-                       batch_size: int | None = None) -> ModelInfo:
+    def register_model(
+        self,
+        name: str,
+        source: str,
+        *,
+        task: str,
+        arch: str | None = None,
+        batch_size: int | None = None,
+    ) -> ModelInfo:
         from bigmodel.models.registry import check_registration
 
-        task, source, arch, size = check_registration(name, source, task=task, arch=arch,
-                                                      batch_size=batch_size)
-        return self.ledger.register_model(name, task=task, source=source, arch=arch,
-                                          batch_size=size)
+        task, source, arch, size = check_registration(
+            name, source, task=task, arch=arch, batch_size=batch_size
+        )
+        return self.ledger.register_model(
+            name, task=task, source=source, arch=arch, batch_size=size
+        )
 
     def models(self) -> list[ModelInfo]:
         return self.ledger.list_models()
 
     # -- submission ---------------------------------------------------------------------------
 
-    def submit(self, source: str | Path | bytes | Iterable[Mapping[str, Any]], *,
-               metadata: dict[str, Any] | None = None, priority: str = "normal",
-               completion_window: str | timedelta | None = None) -> BatchInfo:
+    def submit(
+        self,
+        source: str | Path | bytes | Iterable[Mapping[str, Any]],
+        *,
+        metadata: dict[str, Any] | None = None,
+        priority: str = "normal",
+        completion_window: str | timedelta | None = None,
+    ) -> BatchInfo:
         """Submit a JSONL file (path or bytes) or an iterable of request dicts.
 
         Every line is validated first; any bad line raises `SubmissionRejected` listing each bad
@@ -107,7 +122,8 @@ class Client:
         data = self._read(source)
         models = self.ledger.list_models()
         specs = parse_submission(
-            data.splitlines(), {m.name: m.ref for m in models},
+            data.splitlines(),
+            {m.name: m.ref for m in models},
             max_requests=self.settings.max_requests_per_batch,
             max_line_bytes=self.settings.max_line_bytes,
         )
@@ -117,29 +133,47 @@ class Client:
         now = utcnow()
         expires_at = now + window if window is not None else None
         pairs = self.ledger.create_batch(
-            batch_id, specs, input_key=input_key, metadata=metadata, priority=priority,
-            versions={m.name: m.version for m in models}, expires_at=expires_at, created_at=now,
+            batch_id,
+            specs,
+            input_key=input_key,
+            metadata=metadata,
+            priority=priority,
+            versions={m.name: m.version for m in models},
+            expires_at=expires_at,
+            created_at=now,
         )
         sizes = {m.name: m.batch_size for m in models}
         # Chunks of prompts of similar length: a chunk becomes a batch, and a batch is padded
         # to its longest prompt. (A stable sort: images keep their order.)
         order = sorted(range(len(specs)), key=lambda i: len(specs[i].input.get("prompt", "")))
         pairs = [pairs[i] for i in order]
-        messages = [(queue_name(model, priority),
-                     chunk_message(batch_id, model, ids, priority=priority))
-                    for model, ids in chunk_ids(pairs, sizes)]
+        messages = [
+            (queue_name(model, priority), chunk_message(batch_id, model, ids, priority=priority))
+            for model, ids in chunk_ids(pairs, sizes)
+        ]
         try:
             enqueue(self.celery, messages)
         except Exception as exc:
             self._fail_unsent(batch_id, exc)
             raise BigModelError(
                 f"batch {batch_id} was recorded but could not be enqueued ({exc}); "
-                "it has been marked failed, nothing will run: submit it again") from exc
+                "it has been marked failed, nothing will run: submit it again"
+            ) from exc
         # The batch as committed (no second query: single-request submissions are frequent).
         counts = dict.fromkeys(COUNT_KEYS, 0)
         counts["total"] = counts[str(RequestStatus.QUEUED)] = len(specs)
-        return BatchInfo(batch_id, BatchStatus.QUEUED, counts, now, None, input_key, None, None,
-                         priority, expires_at)
+        return BatchInfo(
+            batch_id,
+            BatchStatus.QUEUED,
+            counts,
+            now,
+            None,
+            input_key,
+            None,
+            None,
+            priority,
+            expires_at,
+        )
 
     def _read(self, source: str | Path | bytes | Iterable[Mapping[str, Any]]) -> bytes:
         limit = self.settings.max_file_bytes
@@ -151,8 +185,15 @@ class Client:
                 raise BigModelError(f"{path}: no such file")
             if path.stat().st_size > limit:
                 raise SubmissionRejected(
-                    [LineError(0, f"the file is {path.stat().st_size} bytes, over the limit of "
-                                  f"{limit}; split it into several batches")], total_lines=0)
+                    [
+                        LineError(
+                            0,
+                            f"the file is {path.stat().st_size} bytes, over the limit of "
+                            f"{limit}; split it into several batches",
+                        )
+                    ],
+                    total_lines=0,
+                )
             data = path.read_bytes()
         else:
             lines = []
@@ -160,12 +201,15 @@ class Client:
                 try:
                     lines.append(json.dumps(rec, ensure_ascii=False))
                 except (TypeError, ValueError) as exc:
-                    raise SubmissionRejected([LineError(n, f"not JSON-serialisable: {exc}")],
-                                             total_lines=n) from None
+                    raise SubmissionRejected(
+                        [LineError(n, f"not JSON-serialisable: {exc}")], total_lines=n
+                    ) from None
             data = ("\n".join(lines) + "\n").encode("utf-8")
         if len(data) > limit:
-            raise SubmissionRejected([LineError(0, f"the submission is {len(data)} bytes, over "
-                                                   f"the limit of {limit}")], total_lines=0)
+            raise SubmissionRejected(
+                [LineError(0, f"the submission is {len(data)} bytes, over the limit of {limit}")],
+                total_lines=0,
+            )
         return data
 
     def _fail_unsent(self, batch_id: str, exc: Exception) -> None:
@@ -174,12 +218,22 @@ class Client:
         from bigmodel.ledger.models import BatchRow, RequestRow
 
         with self.ledger.Session.begin() as s:
-            s.execute(update(RequestRow).where(RequestRow.batch_id == batch_id,
-                                               RequestRow.status == str(RequestStatus.QUEUED))
-                      .values(status=str(RequestStatus.FAILED), error_code="enqueue_failed",
-                              error_message=f"the broker was unreachable at submit: {exc}"))
-            s.execute(update(BatchRow).where(BatchRow.id == batch_id)
-                      .values(status=str(BatchStatus.FAILED)))
+            s.execute(
+                update(RequestRow)
+                .where(
+                    RequestRow.batch_id == batch_id, RequestRow.status == str(RequestStatus.QUEUED)
+                )
+                .values(
+                    status=str(RequestStatus.FAILED),
+                    error_code="enqueue_failed",
+                    error_message=f"the broker was unreachable at submit: {exc}",
+                )
+            )
+            s.execute(
+                update(BatchRow)
+                .where(BatchRow.id == batch_id)
+                .values(status=str(BatchStatus.FAILED))
+            )
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -189,8 +243,14 @@ class Client:
     def batches(self, *, limit: int = 20) -> list[BatchInfo]:
         return self.ledger.list_batches(limit=limit)
 
-    def wait(self, batch_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None,
-             progress: Callable[[BatchInfo], None] | None = None) -> BatchInfo:
+    def wait(
+        self,
+        batch_id: str,
+        *,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        progress: Callable[[BatchInfo], None] | None = None,
+    ) -> BatchInfo:
         """Poll until the batch is final; call `progress` with each status seen."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -213,8 +273,9 @@ class Client:
 
     def reconcile(self, *, lost_grace_s: float | None = None) -> Report:
         """One reconciler pass (workers also run it periodically)."""
-        return reconcile(self.ledger, self.storage, self.celery, self.settings,
-                         lost_grace_s=lost_grace_s)
+        return reconcile(
+            self.ledger, self.storage, self.celery, self.settings, lost_grace_s=lost_grace_s
+        )
 
     def cancel(self, batch_id: str) -> BatchInfo:
         """Queued requests become cancelled now; running ones finish, then the batch ends."""

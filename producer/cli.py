@@ -23,10 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a JSONL file of requests; prints the batch id")
     s.add_argument("file", help='JSONL, one {"custom_id","model","input","params"} per line')
     s.add_argument("--wait", action="store_true", help="show progress until the batch ends")
-    s.add_argument("--priority", choices=["high", "normal", "low"], default="normal",
-                   help="high is served before queued normal and low work (default: normal)")
-    s.add_argument("--completion-window", metavar="WINDOW",
-                   help="expire what is unfinished after this long, e.g. 24h, 30m, 7d")
+    s.add_argument(
+        "--priority",
+        choices=["high", "normal", "low"],
+        default="normal",
+        help="high is served before queued normal and low work (default: normal)",
+    )
+    s.add_argument(
+        "--completion-window",
+        metavar="WINDOW",
+        help="expire what is unfinished after this long, e.g. 24h, 30m, 7d",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("status", help="a batch's status and request counts")
@@ -46,11 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("batch")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("reconcile", help="re-enqueue lost and abandoned requests, expire and "
-                       "finish batches (workers also do this periodically)")
-    s.add_argument("--lost-grace-s", type=float, default=None,
-                   help="how long a queued request may be missing from the broker "
-                   "(default: BIGMODEL_LOST_GRACE_S)")
+    s = sub.add_parser(
+        "reconcile",
+        help="re-enqueue lost and abandoned requests, expire and "
+        "finish batches (workers also do this periodically)",
+    )
+    s.add_argument(
+        "--lost-grace-s",
+        type=float,
+        default=None,
+        help="how long a queued request may be missing from the broker "
+        "(default: BIGMODEL_LOST_GRACE_S)",
+    )
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("batches", help="the most recent batches")
@@ -61,13 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = s.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     r = msub.add_parser("register", help="register NAME (a new version if it exists)")
     r.add_argument("name")
-    r.add_argument("source", help="a local folder, an s3:// prefix, a hub id, or "
-                   "torchvision:<arch> for published weights")
+    r.add_argument(
+        "source",
+        help="a local folder, an s3:// prefix, a hub id, or "
+        "torchvision:<arch> for published weights",
+    )
     r.add_argument("--task", required=True, choices=["classify", "generate"])
     r.add_argument("--arch", help="torchvision architecture of a classify folder (resnet50, ...)")
-    r.add_argument("--batch-size", type=int, default=None,
-                   help="requests per batch and per message (default: 32 classify, "
-                   "16 generate)")
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="requests per batch and per message (default: 32 classify, 16 generate)",
+    )
     r.add_argument("--json", action="store_true")
     ls = msub.add_parser("list", help="the latest version of every model")
     ls.add_argument("--json", action="store_true")
@@ -77,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.add_parser("upgrade", help="apply the migrations (Alembic) up to the latest")
     dsub.add_parser("current", help="print the schema revision of the database")
 
-    sub.add_parser("worker", help="start a worker (see `bigmodel worker --help`)",
-                   add_help=False)
+    sub.add_parser("worker", help="start a worker (see `bigmodel worker --help`)", add_help=False)
 
     s = sub.add_parser("demo", help="run the main job end to end on tiny local models")
     s.add_argument("--images", type=int, default=36, help="classify requests (default 36)")
@@ -101,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SubmissionRejected as exc:
         if getattr(args, "json", False):
-            print(json.dumps({"error": "submission_rejected",
-                              "lines": [e.as_dict() for e in exc.errors]}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {"error": "submission_rejected", "lines": [e.as_dict() for e in exc.errors]},
+                    ensure_ascii=False,
+                )
+            )
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NotFound as exc:
@@ -115,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OperationalError as exc:
-        print(f"error: the database is unreachable ({str(exc.orig).strip()}); nothing was "
-              "changed", file=sys.stderr)
+        print(
+            f"error: the database is unreachable ({str(exc.orig).strip()}); nothing was changed",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -134,8 +159,9 @@ def _print_json(obj: Any) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client()
-    info = client.submit(args.file, priority=args.priority,
-                         completion_window=args.completion_window)
+    info = client.submit(
+        args.file, priority=args.priority, completion_window=args.completion_window
+    )
     if args.wait:
         info = wait_with_progress(client, info.id, quiet=args.json)
     if args.json:
@@ -151,8 +177,13 @@ def wait_with_progress(client, batch_id: str, *, quiet: bool = False, check=None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task(batch_id, total=None, detail="")
 
@@ -161,8 +192,12 @@ def wait_with_progress(client, batch_id: str, *, quiet: bool = False, check=None
                 check()
             c = info.counts
             done = c["succeeded"] + c["failed"] + c["cancelled"] + c["expired"]
-            bar.update(task, total=c["total"], completed=done,
-                       detail=f"{info.status} · {c['succeeded']} ok · {c['failed']} failed")
+            bar.update(
+                task,
+                total=c["total"],
+                completed=done,
+                detail=f"{info.status} · {c['succeeded']} ok · {c['failed']} failed",
+            )
 
         return client.wait(batch_id, progress=show)
 
@@ -202,8 +237,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info.as_dict())
     else:
-        print(f"{info.id}  {info.status}  cancelled={info.counts['cancelled']} "
-              f"running={info.counts['running']}")
+        print(
+            f"{info.id}  {info.status}  cancelled={info.counts['cancelled']} "
+            f"running={info.counts['running']}"
+        )
     return EXIT_OK
 
 
@@ -212,9 +249,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.as_dict())
     else:
-        print(f"{report.batch_id}  {report.status}  submitted={report.submitted} "
-              f"in_ledger={report.in_ledger} final={report.final} lost={report.lost} "
-              f"doubled={report.doubled} mismatched={report.mismatched}")
+        print(
+            f"{report.batch_id}  {report.status}  submitted={report.submitted} "
+            f"in_ledger={report.in_ledger} final={report.final} lost={report.lost} "
+            f"doubled={report.doubled} mismatched={report.mismatched}"
+        )
         for kind, ids in report.examples.items():
             print(f"  {kind}: {', '.join(ids)}")
     return EXIT_OK if report.ok else EXIT_ERROR
@@ -225,9 +264,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.as_dict())
     else:
-        print(f"expired batches: {len(report.expired)}  requeued (lease expired): "
-              f"{report.lease_requeued}  poisoned: {report.poisoned}  requeued (lost): "
-              f"{report.lost_requeued}  finalized: {len(report.finalized)}")
+        print(
+            f"expired batches: {len(report.expired)}  requeued (lease expired): "
+            f"{report.lease_requeued}  poisoned: {report.poisoned}  requeued (lost): "
+            f"{report.lost_requeued}  finalized: {len(report.finalized)}"
+        )
     return EXIT_OK
 
 
@@ -237,16 +278,19 @@ def cmd_batches(args: argparse.Namespace) -> int:
         _print_json([i.as_dict() for i in infos])
     else:
         for i in infos:
-            print(f"{i.id}  {i.status:<11}  {i.counts['total']:>7} requests  "
-                  f"{i.created_at:%Y-%m-%d %H:%M:%S}")
+            print(
+                f"{i.id}  {i.status:<11}  {i.counts['total']:>7} requests  "
+                f"{i.created_at:%Y-%m-%d %H:%M:%S}"
+            )
     return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     client = _client()
     if args.models_command == "register":
-        info = client.register_model(args.name, args.source, task=args.task, arch=args.arch,
-                                     batch_size=args.batch_size)
+        info = client.register_model(
+            args.name, args.source, task=args.task, arch=args.arch, batch_size=args.batch_size
+        )
         if args.json:
             _print_json(info.as_dict())
         else:
@@ -270,8 +314,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.db_command == "upgrade":
         upgrade(engine)
     rev = current_revision(engine)
-    print(f"{engine.url.render_as_string(hide_password=True)}: revision {rev} "
-          f"(latest {head_revision()})")
+    print(
+        f"{engine.url.render_as_string(hide_password=True)}: revision {rev} "
+        f"(latest {head_revision()})"
+    )
     return EXIT_OK
 
 
@@ -282,7 +328,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "submit": cmd_submit, "status": cmd_status, "results": cmd_results, "cancel": cmd_cancel,
-    "batches": cmd_batches, "audit": cmd_audit, "reconcile": cmd_reconcile,
-    "models": cmd_models, "db": cmd_db, "demo": cmd_demo,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "results": cmd_results,
+    "cancel": cmd_cancel,
+    "batches": cmd_batches,
+    "audit": cmd_audit,
+    "reconcile": cmd_reconcile,
+    "models": cmd_models,
+    "db": cmd_db,
+    "demo": cmd_demo,
 }

@@ -58,18 +58,41 @@ def _requests(client, n_images: int, n_prompts: int) -> list[dict]:
             ref = client.storage.put(f"demo/images/{i:04d}.jpg", jpeg, content_type="image/jpeg")
         else:
             ref = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-        reqs.append({"custom_id": f"img-{i:04d}", "model": CLASSIFIER, "input": {"image": ref},
-                     "params": {"top_k": 3}})
+        reqs.append(
+            {
+                "custom_id": f"img-{i:04d}",
+                "model": CLASSIFIER,
+                "input": {"image": ref},
+                "params": {"top_k": 3},
+            }
+        )
     for i in range(n_prompts):
-        reqs.append({"custom_id": f"txt-{i:04d}", "model": GENERATOR,
-                     "input": {"prompt": PROMPTS[i % len(PROMPTS)]},
-                     "params": {"max_new_tokens": 12, "do_sample": i % 2 == 1, "seed": i}})
+        reqs.append(
+            {
+                "custom_id": f"txt-{i:04d}",
+                "model": GENERATOR,
+                "input": {"prompt": PROMPTS[i % len(PROMPTS)]},
+                "params": {"max_new_tokens": 12, "do_sample": i % 2 == 1, "seed": i},
+            }
+        )
     # Two deliberately bad requests: they fail alone, with a clear error.
-    reqs.append({"custom_id": "bad-image", "model": CLASSIFIER,
-                 "input": {"image": "data:image/jpeg;base64," + base64.b64encode(
-                     b"this is not a jpeg").decode()}})
-    reqs.append({"custom_id": "bad-prompt", "model": GENERATOR,
-                 "input": {"prompt": "a very long prompt " * 200}})
+    reqs.append(
+        {
+            "custom_id": "bad-image",
+            "model": CLASSIFIER,
+            "input": {
+                "image": "data:image/jpeg;base64,"
+                + base64.b64encode(b"this is not a jpeg").decode()
+            },
+        }
+    )
+    reqs.append(
+        {
+            "custom_id": "bad-prompt",
+            "model": GENERATOR,
+            "input": {"prompt": "a very long prompt " * 200},
+        }
+    )
     return reqs
 
 
@@ -83,8 +106,11 @@ def run_demo(*, images: int = 36, prompts: int = 36, device: str = "auto") -> in
 
     upgrade(client.engine)
     home = client.settings.home.resolve()
-    where = "embedded (SQLite, local folder, filesystem broker)" if client.settings.embedded \
+    where = (
+        "embedded (SQLite, local folder, filesystem broker)"
+        if client.settings.embedded
         else "configured services"
+    )
     console.print(f"[bold]bigmodel demo[/] — {where}")
     _ensure_models(client, home, console)
 
@@ -93,17 +119,31 @@ def run_demo(*, images: int = 36, prompts: int = 36, device: str = "auto") -> in
     console.print(f"starting a worker (log: {log_path})")
     with open(log_path, "ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "workers", "--model", CLASSIFIER, "--model", GENERATOR,
-             "--device", device], stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "--model",
+                CLASSIFIER,
+                "--model",
+                GENERATOR,
+                "--device",
+                device,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         reqs = _requests(client, images, prompts)
         started = time.monotonic()
         batch = client.submit(reqs, metadata={"source": "demo"})
         console.print(f"submitted {len(reqs)} requests as {batch.id}")
+
         def check_worker() -> None:
             if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with code {worker.returncode}; "
-                                   f"see {log_path}")
+                raise RuntimeError(
+                    f"the worker exited with code {worker.returncode}; see {log_path}"
+                )
 
         try:
             info = wait_with_progress(client, batch.id, check=check_worker)
@@ -127,8 +167,11 @@ def _show(console: Console, client, info, elapsed: float) -> None:
     for col in ("custom_id", "status", "result"):
         table.add_column(col, overflow="fold")
     records = list(client.results(info.id))
-    shown = records[:6] + [r for r in records if r["custom_id"].startswith("txt-")][:6] \
+    shown = (
+        records[:6]
+        + [r for r in records if r["custom_id"].startswith("txt-")][:6]
         + [r for r in records if r["status"] != "succeeded"]
+    )
     for rec in shown:
         if rec["error"]:
             result = f"[red]{rec['error']['code']}[/]: {rec['error']['message'][:80]}"
@@ -140,8 +183,10 @@ def _show(console: Console, client, info, elapsed: float) -> None:
         table.add_row(rec["custom_id"], rec["status"], result)
     console.print(table)
     c = info.counts
-    console.print(f"{c['succeeded']} succeeded, {c['failed']} failed of {c['total']} "
-                  f"({c['total'] / max(elapsed, 1e-9):.1f} requests/s end to end)")
+    console.print(
+        f"{c['succeeded']} succeeded, {c['failed']} failed of {c['total']} "
+        f"({c['total'] / max(elapsed, 1e-9):.1f} requests/s end to end)"
+    )
     console.print(f"database: {client.engine.url.render_as_string(hide_password=True)}")
     if info.output_key:
         console.print(f"output:   {client.storage.uri(info.output_key)}")

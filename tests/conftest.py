@@ -17,7 +17,9 @@ import pytest
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 REDIS_URL = os.environ.get("BIGMODEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-PG_ADMIN_URL = os.environ.get("BIGMODEL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "BIGMODEL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def service_missing(what: str, exc: BaseException) -> None:

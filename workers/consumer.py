@@ -76,8 +76,16 @@ class Ewma:
 
 
 class BatchingConsumer:
-    def __init__(self, app: Celery, runtime: Runtime, *, models: list[str], max_batch_size: int,
-                 max_wait_s: float, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        runtime: Runtime,
+        *,
+        models: list[str],
+        max_batch_size: int,
+        max_wait_s: float,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.app = app
         self.runtime = runtime
         self.models = models
@@ -108,8 +116,7 @@ class BatchingConsumer:
                     self._run_connected()
                     backoff = 1.0
                 except self.connection_errors as exc:
-                    log.warning("broker connection lost (%s); reconnecting in %.0fs", exc,
-                                backoff)
+                    log.warning("broker connection lost (%s); reconnecting in %.0fs", exc, backoff)
                     self._drop_inflight()
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
@@ -120,15 +127,23 @@ class BatchingConsumer:
     def _run_connected(self) -> None:
         # High first: with the Redis transport's 'priority' queue order, BRPOP lists the queues
         # in this order, so high-priority messages are always popped before bulk work.
-        queues = [Queue(queue_name(m, p), routing_key=queue_name(m, p))
-                  for p in PRIORITIES for m in self.models]
+        queues = [
+            Queue(queue_name(m, p), routing_key=queue_name(m, p))
+            for p in PRIORITIES
+            for m in self.models
+        ]
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=3)
             log.info("consuming %s from %s", ", ".join(q.name for q in queues), conn.as_uri())
             # Enough prefetched messages to fill the next batch while one runs.
-            consumer = Consumer(conn, queues=queues, callbacks=[self._on_message],
-                                accept=["json"], on_decode_error=self._on_decode_error,
-                                prefetch_count=max(4, 2 * self.max_batch_size))
+            consumer = Consumer(
+                conn,
+                queues=queues,
+                callbacks=[self._on_message],
+                accept=["json"],
+                on_decode_error=self._on_decode_error,
+                prefetch_count=max(4, 2 * self.max_batch_size),
+            )
             with consumer:
                 while not (self.stop.is_set() and not self.inflight):
                     self._step(conn)
@@ -147,10 +162,16 @@ class BatchingConsumer:
         isolated = any(w.isolate for w in self.inflight)
         if not self.stop.is_set() and len(self.inflight) < 2 and not isolated:
             now = time.monotonic()
-            decision = collate([p.chunk for p in self.pending], max_items=self.max_batch_size,
-                               max_wait_s=self.max_wait_s, now=now, busy_s=self._busy_s(now))
-            if decision.take and not (self.inflight
-                                      and self.pending[decision.take[0]].chunk.isolate):
+            decision = collate(
+                [p.chunk for p in self.pending],
+                max_items=self.max_batch_size,
+                max_wait_s=self.max_wait_s,
+                now=now,
+                busy_s=self._busy_s(now),
+            )
+            if decision.take and not (
+                self.inflight and self.pending[decision.take[0]].chunk.isolate
+            ):
                 self._launch(decision.take)
                 return
             if decision.wait_s is not None:
@@ -220,32 +241,43 @@ class BatchingConsumer:
             self.stop.wait(2.0)
             return
         self.prepare_s.add(model, time.monotonic() - began)
-        work = Work(model, priority, messages, claimed, prepared,
-                    isolate=any(p.chunk.isolate for p in chosen))
+        work = Work(
+            model,
+            priority,
+            messages,
+            claimed,
+            prepared,
+            isolate=any(p.chunk.isolate for p in chosen),
+        )
         if prepared is not None:
             work.future = self.model_thread.submit(self._compute, work)
         self.inflight.append(work)
 
     def _reap(self) -> None:
         """Persist and acknowledge finished batches, oldest first."""
-        while self.inflight and (self.inflight[0].future is None
-                                 or self.inflight[0].future.done()):
+        while self.inflight and (self.inflight[0].future is None or self.inflight[0].future.done()):
             work = self.inflight.pop(0)
             try:
                 results = work.future.result() if work.future is not None else []
                 self.runtime.finish(work.model, work.claimed, results, priority=work.priority)
             except Exception:
                 # Results not persisted (database or storage down): hand the messages back.
-                log.exception("persisting %d requests failed; requeueing their messages",
-                              work.items)
+                log.exception(
+                    "persisting %d requests failed; requeueing their messages", work.items
+                )
                 for m in work.messages:
                     m.requeue()
                 self.stop.wait(2.0)
                 continue
             for m in work.messages:
                 m.ack()
-            log.info("processed %d requests from %d messages in %.2fs (model %s)", work.items,
-                     len(work.messages), time.monotonic() - work.started, work.model)
+            log.info(
+                "processed %d requests from %d messages in %.2fs (model %s)",
+                work.items,
+                len(work.messages),
+                time.monotonic() - work.started,
+                work.model,
+            )
 
     def _drop_inflight(self) -> None:
         """After a broker loss the messages come back through the broker: release the claims."""
@@ -254,8 +286,7 @@ class BatchingConsumer:
                 work.future.cancel()
                 try:
                     results = work.future.result()
-                    self.runtime.finish(work.model, work.claimed, results,
-                                        priority=work.priority)
+                    self.runtime.finish(work.model, work.claimed, results, priority=work.priority)
                     continue
                 except Exception:
                     pass
@@ -265,8 +296,12 @@ class BatchingConsumer:
 
     def _on_decode_error(self, message: Message, exc: Exception) -> None:
         """Pickle or other content we do not accept, or bytes that do not decode: drop it."""
-        log.error("rejecting undecodable message (%s, %s): %s", message.content_type,
-                  message.delivery_tag, exc)
+        log.error(
+            "rejecting undecodable message (%s, %s): %s",
+            message.content_type,
+            message.delivery_tag,
+            exc,
+        )
         message.reject(requeue=False)
 
     def _on_message(self, body, message: Message) -> None:
@@ -283,6 +318,10 @@ class BatchingConsumer:
             log.error("rejecting malformed message %s: %s", message.delivery_tag, exc)
             message.reject(requeue=False)
             return
-        self.pending.append(PendingMessage(
-            message, Chunk(msg.model, len(msg.ids), msg.priority, time.monotonic(), msg.isolate),
-            msg.ids))
+        self.pending.append(
+            PendingMessage(
+                message,
+                Chunk(msg.model, len(msg.ids), msg.priority, time.monotonic(), msg.isolate),
+                msg.ids,
+            )
+        )

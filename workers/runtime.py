@@ -38,8 +38,16 @@ class Stats:
 class Runtime:
     """Owns the loaded models and the ledger/storage handles of one worker process."""
 
-    def __init__(self, *, settings: Settings, ledger: Ledger, storage: Storage, app: Celery,
-                 loops: dict[str, RunLoop], worker_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        ledger: Ledger,
+        storage: Storage,
+        app: Celery,
+        loops: dict[str, RunLoop],
+        worker_name: str,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.storage = storage
@@ -69,8 +77,14 @@ class Runtime:
         """Run the model (the one thread that touches it)."""
         return self.loops[model].execute(prepared)
 
-    def finish(self, model: str, claimed: Sequence[Claimed],
-               results: Sequence[ItemResult], *, priority: str = "normal") -> None:
+    def finish(
+        self,
+        model: str,
+        claimed: Sequence[Claimed],
+        results: Sequence[ItemResult],
+        *,
+        priority: str = "normal",
+    ) -> None:
         """Persist results, then finish the batches with nothing left to run.
 
         Raises on infrastructure faults (database, storage) after handing the requests back to
@@ -111,8 +125,9 @@ class Runtime:
         except Exception:
             log.exception("could not release %d claimed requests", len(claimed))
 
-    def _persist(self, model: str, claimed: Sequence[Claimed],
-                 results: Sequence[ItemResult], priority: str) -> None:
+    def _persist(
+        self, model: str, claimed: Sequence[Claimed], results: Sequence[ItemResult], priority: str
+    ) -> None:
         by_id = {c.item.id: c for c in claimed}
         final: list[Finished] = []
         retry: list[int] = []
@@ -127,8 +142,14 @@ class Runtime:
                 final.append(self._success(c, res))
             else:
                 err = res.error or {"code": INTERNAL_ERROR, "message": "no result"}
-                final.append(Finished(res.id, RequestStatus.FAILED, error_code=err["code"],
-                                      error_message=err["message"]))
+                final.append(
+                    Finished(
+                        res.id,
+                        RequestStatus.FAILED,
+                        error_code=err["code"],
+                        error_message=err["message"],
+                    )
+                )
         self._finish(final)
         self.stats.items += len(results)
         self.stats.batches += 1
@@ -140,16 +161,20 @@ class Runtime:
             # worker die before re-sending, the requests are queued in the ledger for the
             # reconciler.
             self.stats.retried += len(retry)
-            log.warning("%d requests hit a transient fault; retrying in %.1fs", len(retry),
-                        delay_s)
+            log.warning("%d requests hit a transient fault; retrying in %.1fs", len(retry), delay_s)
             self.ledger.release(retry)
             groups: dict[str, list[int]] = {}
             for rid in retry:
                 groups.setdefault(by_id[rid].batch_id, []).append(rid)
             due = time.monotonic() + min(delay_s, 60.0)
             for b, rids in groups.items():
-                self.delayed.append((due, queue_name(model, priority),
-                                     chunk_message(b, model, rids, priority=priority)))
+                self.delayed.append(
+                    (
+                        due,
+                        queue_name(model, priority),
+                        chunk_message(b, model, rids, priority=priority),
+                    )
+                )
 
     def extend_leases(self, ids: Sequence[int]) -> None:
         self.ledger.extend(ids, worker=self.worker_name, lease_s=self.settings.lease_s)
@@ -178,9 +203,16 @@ class Runtime:
                 self.ledger.finish([f])
             except DataError as exc:
                 log.error("request %d: result not storable: %s", f.id, exc.orig)
-                self.ledger.finish([Finished(
-                    f.id, RequestStatus.FAILED, error_code=RESULT_NOT_STORABLE,
-                    error_message=f"the database refused the result: {str(exc.orig)[:500]}")])
+                self.ledger.finish(
+                    [
+                        Finished(
+                            f.id,
+                            RequestStatus.FAILED,
+                            error_code=RESULT_NOT_STORABLE,
+                            error_message=f"the database refused the result: {str(exc.orig)[:500]}",
+                        )
+                    ]
+                )
 
     def _success(self, c: Claimed, res: ItemResult) -> Finished:
         body = json.dumps(res.output, ensure_ascii=False, separators=(",", ":")).encode()

@@ -42,16 +42,27 @@ class ChunkMessage:
     isolate: bool = False
 
 
-def chunk_message(batch_id: str, model: str, ids: Sequence[int], *,
-                  priority: str = "normal", isolate: bool = False) -> dict[str, Any]:
+def chunk_message(
+    batch_id: str,
+    model: str,
+    ids: Sequence[int],
+    *,
+    priority: str = "normal",
+    isolate: bool = False,
+) -> dict[str, Any]:
     """A chunk of requests of one batch for one model.
 
     The message carries only request ids: the worker's claim (one UPDATE ... RETURNING) reads
     inputs and params from the ledger, which is the source of truth. Messages stay tiny whatever
     the inputs (data: URIs included), and a stale redelivery claims nothing.
     """
-    msg = {"v": MESSAGE_VERSION, "batch_id": batch_id, "model": model, "ids": list(ids),
-           "priority": priority}
+    msg = {
+        "v": MESSAGE_VERSION,
+        "batch_id": batch_id,
+        "model": model,
+        "ids": list(ids),
+        "priority": priority,
+    }
     if isolate:
         msg["isolate"] = True
     return msg
@@ -67,8 +78,13 @@ def parse_message(message: Any) -> ChunkMessage:
     priority = message.get("priority", "normal")
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}")
-    return ChunkMessage(str(message["batch_id"]), str(message["model"]), ids, priority,
-                        bool(message.get("isolate", False)))
+    return ChunkMessage(
+        str(message["batch_id"]),
+        str(message["model"]),
+        ids,
+        priority,
+        bool(message.get("isolate", False)),
+    )
 
 
 def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
@@ -88,8 +104,10 @@ def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
         # Above the longest chunk's run time, or Redis redelivers a message still being worked.
         # 'priority' keeps queues in the order the worker lists them (high first) instead of
         # rotating them, so a high-priority message is always popped before bulk work.
-        options = {"visibility_timeout": settings.visibility_timeout_s,
-                   "queue_order_strategy": "priority"}
+        options = {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+        }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -113,8 +131,13 @@ def enqueue(app: Celery, messages: Sequence[tuple[str, dict[str, Any]]]) -> None
     with app.producer_or_acquire() as producer:
         for queue, message in messages:
             # A short argsrepr: Celery would otherwise build a repr of every id list.
-            app.send_task(TASK_RUN_CHUNK, args=[message], queue=queue, producer=producer,
-                          argsrepr=f"<{len(message['ids'])} requests of {message['batch_id']}>")
+            app.send_task(
+                TASK_RUN_CHUNK,
+                args=[message],
+                queue=queue,
+                producer=producer,
+                argsrepr=f"<{len(message['ids'])} requests of {message['batch_id']}>",
+            )
 
 
 def chunk_ids(

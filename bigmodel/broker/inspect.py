@@ -35,8 +35,9 @@ def _ids_of_envelope(raw: bytes | str) -> list[int]:
         return []
 
 
-def ids_in_broker(app: Celery, models: Iterable[str], *,
-                  stale_unacked_s: float | None = None) -> set[int] | None:
+def ids_in_broker(
+    app: Celery, models: Iterable[str], *, stale_unacked_s: float | None = None
+) -> set[int] | None:
     """Ids in the models' queues and in flight; None when the transport cannot be inspected.
 
     A message delivered to a worker more than `stale_unacked_s` ago and still unacknowledged is
@@ -57,8 +58,7 @@ def ids_in_broker(app: Celery, models: Iterable[str], *,
             if stale_unacked_s is None:
                 tags = [t for t, _ in client.hscan_iter("unacked", count=_SCAN_PAGE)]
             else:
-                tags = client.zrangebyscore("unacked_index", time.time() - stale_unacked_s,
-                                            "+inf")
+                tags = client.zrangebyscore("unacked_index", time.time() - stale_unacked_s, "+inf")
             for start in range(0, len(tags), _SCAN_PAGE):
                 for raw in client.hmget("unacked", tags[start : start + _SCAN_PAGE]):
                     if raw is not None:

@@ -42,8 +42,9 @@ class Decision:
     wait_s: float | None  # how long to wait for more when not taking (None: until a message)
 
 
-def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
-            now: float, busy_s: float = 0.0) -> Decision:
+def collate(
+    pending: Sequence[Chunk], *, max_items: int, max_wait_s: float, now: float, busy_s: float = 0.0
+) -> Decision:
     """The next batch to launch from `pending`, or how long to wait.
 
     `busy_s`: how much longer the model is expected to be busy before it could start a batch
@@ -54,11 +55,15 @@ def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
     if not pending:
         return Decision([], None)
     # Serve the model holding the most urgent chunk: best priority, then oldest.
-    first = min(range(len(pending)),
-                key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s))
+    first = min(
+        range(len(pending)),
+        key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s),
+    )
     model = pending[first].model
-    mine = sorted((i for i, c in enumerate(pending) if c.model == model),
-                  key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s))
+    mine = sorted(
+        (i for i, c in enumerate(pending) if c.model == model),
+        key=lambda i: (PRIORITY_RANK[pending[i].priority], pending[i].arrived_s),
+    )
     if pending[first].isolate:
         return Decision([first], None)  # suspected poison: runs alone, at once
     mine = [i for i in mine if not pending[i].isolate]
@@ -78,9 +83,13 @@ def collate(pending: Sequence[Chunk], *, max_items: int, max_wait_s: float,
     return Decision(take, None)
 
 
-def split_batches(keys: Sequence[tuple], *, max_batch_size: int,
-                  costs: Sequence[tuple[int, int]] | None = None,
-                  max_batch_tokens: int | None = None) -> list[list[int]]:
+def split_batches(
+    keys: Sequence[tuple],
+    *,
+    max_batch_size: int,
+    costs: Sequence[tuple[int, int]] | None = None,
+    max_batch_tokens: int | None = None,
+) -> list[list[int]]:
     """Group item positions by key (first element: compatibility, rest: sort order).
 
     `costs[i]` is `(rows, length)` for item i: a generation request with n return sequences
@@ -101,8 +110,11 @@ def split_batches(keys: Sequence[tuple], *, max_batch_size: int,
         for p in positions:
             r, length = costs[p] if costs else (1, 0)
             over_size = len(current) >= max_batch_size
-            over_tokens = (max_batch_tokens is not None and current
-                           and (rows + r) * max(longest, length) > max_batch_tokens)
+            over_tokens = (
+                max_batch_tokens is not None
+                and current
+                and (rows + r) * max(longest, length) > max_batch_tokens
+            )
             if over_size or over_tokens:
                 batches.append(current)
                 current, rows, longest = [], 0, 0

@@ -144,7 +144,9 @@ def _validate(line: int, raw: Any, models: Mapping[str, ModelRef]):
     if ref is None:
         known = ", ".join(sorted(models)) or "none registered"
         yield LineError(
-            line, f"unknown model {req.model!r} (known: {known})", custom_id=custom_id,
+            line,
+            f"unknown model {req.model!r} (known: {known})",
+            custom_id=custom_id,
             field="model",
         )
         return
@@ -203,8 +205,13 @@ def parse_jsonl(
     for n, raw_line in enumerate(lines, start=1):
         if isinstance(raw_line, bytes):
             if len(raw_line) > max_line_bytes:
-                errors.append(LineError(n, f"line is {len(raw_line)} bytes, over the limit of "
-                                           f"{max_line_bytes} (put large inputs in storage)"))
+                errors.append(
+                    LineError(
+                        n,
+                        f"line is {len(raw_line)} bytes, over the limit of "
+                        f"{max_line_bytes} (put large inputs in storage)",
+                    )
+                )
                 continue
             try:
                 text = raw_line.decode("utf-8")
@@ -227,24 +234,33 @@ def parse_jsonl(
             errors.append(LineError(n, f"invalid JSON: {exc.msg} at column {exc.colno}"))
             continue
         if "\\u0000" in text and _has_nul(raw):
-            errors.append(LineError(n, "contains a NUL character (\\u0000), which the ledger "
-                                       "cannot store; remove it"))
+            errors.append(
+                LineError(
+                    n,
+                    "contains a NUL character (\\u0000), which the ledger cannot store; remove it",
+                )
+            )
             continue
         for item in _validate(n, raw, models):
             if isinstance(item, LineError):
                 errors.append(item)
                 continue
             if item.custom_id in first_seen:
-                errors.append(LineError(
-                    n, f"duplicate custom_id, first used on line {first_seen[item.custom_id]}",
-                    custom_id=item.custom_id, field="custom_id",
-                ))
+                errors.append(
+                    LineError(
+                        n,
+                        f"duplicate custom_id, first used on line {first_seen[item.custom_id]}",
+                        custom_id=item.custom_id,
+                        field="custom_id",
+                    )
+                )
                 continue
             first_seen[item.custom_id] = n
             specs.append(item)
         if len(specs) > max_requests:
-            errors.append(LineError(n, f"more than {max_requests} requests in one batch; "
-                                       "split the file"))
+            errors.append(
+                LineError(n, f"more than {max_requests} requests in one batch; split the file")
+            )
             break
     if not specs and not errors:
         errors.append(LineError(max(n, 1), "the submission holds no requests"))
@@ -253,8 +269,9 @@ def parse_jsonl(
     return specs
 
 
-def parse_records(records: Iterable[Mapping[str, Any]], models: Mapping[str, ModelRef],
-                  **limits: int) -> list[RequestSpec]:
+def parse_records(
+    records: Iterable[Mapping[str, Any]], models: Mapping[str, ModelRef], **limits: int
+) -> list[RequestSpec]:
     """Parse an iterable of dicts (the Python API) exactly as JSONL lines are parsed."""
     return parse_jsonl((json.dumps(r, ensure_ascii=False) for r in records), models, **limits)
 
@@ -263,8 +280,13 @@ Format = Literal["bigmodel"]
 FORMATS: dict[str, Callable[..., list[RequestSpec]]] = {"bigmodel": parse_jsonl}
 
 
-def parse_submission(lines: Iterable[bytes | str], models: Mapping[str, ModelRef],
-                     *, format: str = "bigmodel", **limits: int) -> list[RequestSpec]:
+def parse_submission(
+    lines: Iterable[bytes | str],
+    models: Mapping[str, ModelRef],
+    *,
+    format: str = "bigmodel",
+    **limits: int,
+) -> list[RequestSpec]:
     try:
         parser = FORMATS[format]
     except KeyError:

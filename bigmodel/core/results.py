@@ -13,8 +13,13 @@ from bigmodel.core.status import RequestStatus
 RECORD_FIELDS = ("custom_id", "status", "output", "error")
 
 
-def record(custom_id: str, status: str, output: dict[str, Any] | None,
-           error_code: str | None, error_message: str | None) -> dict[str, Any]:
+def record(
+    custom_id: str,
+    status: str,
+    output: dict[str, Any] | None,
+    error_code: str | None,
+    error_message: str | None,
+) -> dict[str, Any]:
     """One result record: `{"custom_id", "status", "output", "error"}`."""
     error = {"code": error_code, "message": error_message or ""} if error_code else None
     return {"custom_id": custom_id, "status": status, "output": output, "error": error}
@@ -41,9 +46,12 @@ def csv_header() -> str:
 def csv_row(rec: dict[str, Any]) -> str:
     """CSV keeps `output` and `error` as JSON text in their cells."""
     buf = io.StringIO()
-    csv.writer(buf).writerow([
-        rec["custom_id"], rec["status"],
-        "" if rec["output"] is None else json.dumps(rec["output"], ensure_ascii=False),
-        "" if rec["error"] is None else json.dumps(rec["error"], ensure_ascii=False),
-    ])
+    csv.writer(buf).writerow(
+        [
+            rec["custom_id"],
+            rec["status"],
+            "" if rec["output"] is None else json.dumps(rec["output"], ensure_ascii=False),
+            "" if rec["error"] is None else json.dumps(rec["error"], ensure_ascii=False),
+        ]
+    )
     return buf.getvalue()

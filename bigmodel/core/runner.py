@@ -163,10 +163,15 @@ class RunLoop:
         costs = None
         if cost is not None and self.max_batch_tokens is not None:
             costs = [cost(decoded[p][0], items[p].params) for p in ready]
-        cuts = split_batches(keys, max_batch_size=self.max_batch_size, costs=costs,
-                             max_batch_tokens=self.max_batch_tokens)
-        return Prepared(list(items), [v for v, _ in decoded], failed,
-                        [[ready[b] for b in cut] for cut in cuts])
+        cuts = split_batches(
+            keys,
+            max_batch_size=self.max_batch_size,
+            costs=costs,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        return Prepared(
+            list(items), [v for v, _ in decoded], failed, [[ready[b] for b in cut] for cut in cuts]
+        )
 
     def execute(self, prepared: Prepared) -> list[ItemResult]:
         """Run the prepared batches through the model; one result per item, in input order."""
@@ -199,29 +204,35 @@ class RunLoop:
                 )
         except RetryableError as exc:
             log.warning("batch of %d hit a transient fault: %s", len(positions), exc)
-            return [ItemResult(items[p].id, error=_error(exc), retry_after_s=exc.delay_s)
-                    for p in positions]
+            return [
+                ItemResult(items[p].id, error=_error(exc), retry_after_s=exc.delay_s)
+                for p in positions
+            ]
         except Exception as exc:
             if is_out_of_memory(exc):
                 if len(positions) > 1:
                     # Halve the batch and try again before failing anything.
                     half = len(positions) // 2
                     log.warning("out of memory on a batch of %d; trying halves", len(positions))
-                    return (self._run_batch(positions[:half], items, decoded)
-                            + self._run_batch(positions[half:], items, decoded))
+                    return self._run_batch(positions[:half], items, decoded) + self._run_batch(
+                        positions[half:], items, decoded
+                    )
                 err = RetryableError(f"out of memory on a single item: {exc}", delay_s=5.0)
-                return [ItemResult(items[positions[0]].id, error=_error(err),
-                                   retry_after_s=err.delay_s)]
+                return [
+                    ItemResult(items[positions[0]].id, error=_error(err), retry_after_s=err.delay_s)
+                ]
             if len(positions) > 1:
                 # One bad item must not fail its batch-mates: run each alone to find it.
-                log.warning("batch of %d failed (%s); retrying items one by one",
-                            len(positions), exc)
+                log.warning(
+                    "batch of %d failed (%s); retrying items one by one", len(positions), exc
+                )
                 return [r for p in positions for r in self._run_batch([p], items, decoded)]
             log.exception("item %s failed in predict", items[positions[0]].id)
             return [ItemResult(items[positions[0]].id, error=_error(exc))]
         finally:
-            _call_hook(self.hooks.after_batch, self.runner.name, len(inputs),
-                       time.monotonic() - started)
+            _call_hook(
+                self.hooks.after_batch, self.runner.name, len(inputs), time.monotonic() - started
+            )
         results = []
         for p, out, prm in zip(positions, outputs, params, strict=True):
             try:

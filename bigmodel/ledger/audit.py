@@ -68,9 +68,17 @@ def audit_batch(ledger: Ledger, storage: Storage, batch_id: str) -> Audit:
         lost_ids += [c for c in records if c not in seen and c not in lost_ids]
         mismatched = [r["custom_id"] for r in files if records.get(r["custom_id"]) != r]
     return Audit(
-        batch_id=batch_id, status=str(info.status), submitted=len(submitted),
-        in_ledger=len(records), final=len(records) - len(unfinished), lost=len(lost_ids),
-        doubled=len(doubled), mismatched=len(mismatched),
-        examples={k: v[:10] for k, v in (("lost", lost_ids), ("doubled", doubled),
-                                         ("mismatched", mismatched)) if v},
+        batch_id=batch_id,
+        status=str(info.status),
+        submitted=len(submitted),
+        in_ledger=len(records),
+        final=len(records) - len(unfinished),
+        lost=len(lost_ids),
+        doubled=len(doubled),
+        mismatched=len(mismatched),
+        examples={
+            k: v[:10]
+            for k, v in (("lost", lost_ids), ("doubled", doubled), ("mismatched", mismatched))
+            if v
+        },
     )

@@ -52,8 +52,13 @@ class Report:
 
     @property
     def changed(self) -> bool:
-        return bool(self.expired or self.lease_requeued or self.poisoned or self.lost_requeued
-                    or self.finalized)
+        return bool(
+            self.expired
+            or self.lease_requeued
+            or self.poisoned
+            or self.lost_requeued
+            or self.finalized
+        )
 
 
 def _send(app: Celery, reqs: Sequence[Requeued], *, size: int | None) -> None:
@@ -65,15 +70,24 @@ def _send(app: Celery, reqs: Sequence[Requeued], *, size: int | None) -> None:
     for (batch_id, priority), pairs in groups.items():
         sizes = {model: size or 64 for _, model in pairs}
         for model, ids in chunk_ids(pairs, sizes):
-            messages.append((queue_name(model, priority),
-                             chunk_message(batch_id, model, ids, priority=priority,
-                                           isolate=size == 1)))
+            messages.append(
+                (
+                    queue_name(model, priority),
+                    chunk_message(batch_id, model, ids, priority=priority, isolate=size == 1),
+                )
+            )
     if messages:
         enqueue(app, messages)
 
 
-def reconcile(ledger: Ledger, storage: Storage, app: Celery, settings: Settings,
-              *, lost_grace_s: float | None = None) -> Report:
+def reconcile(
+    ledger: Ledger,
+    storage: Storage,
+    app: Celery,
+    settings: Settings,
+    *,
+    lost_grace_s: float | None = None,
+) -> Report:
     report = Report()
     report.expired = expire_due(ledger)
     back, poisoned = requeue_expired_leases(ledger, max_attempts=settings.max_attempts)
@@ -86,8 +100,9 @@ def reconcile(ledger: Ledger, storage: Storage, app: Celery, settings: Settings,
     if candidates:
         # A message a worker has held unacknowledged for a lease without claiming it was most
         # likely prefetched by a worker that died: count its requests as lost.
-        present = ids_in_broker(app, {r.model for r in candidates},
-                                stale_unacked_s=max(settings.lease_s, grace))
+        present = ids_in_broker(
+            app, {r.model for r in candidates}, stale_unacked_s=max(settings.lease_s, grace)
+        )
         if present is None:
             report.broker_inspected = False
         else:

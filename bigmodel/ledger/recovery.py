@@ -29,8 +29,9 @@ class Requeued:
     priority: str
 
 
-def requeue_expired_leases(ledger: Ledger, *, max_attempts: int,
-                           now: datetime | None = None) -> tuple[list[Requeued], list[int]]:
+def requeue_expired_leases(
+    ledger: Ledger, *, max_attempts: int, now: datetime | None = None
+) -> tuple[list[Requeued], list[int]]:
     """Running requests whose worker stopped renewing its lease (it died or hung).
 
     Those with attempts left go back to `queued` (returned, to be re-enqueued alone so that a
@@ -40,29 +41,44 @@ def requeue_expired_leases(ledger: Ledger, *, max_attempts: int,
     t, b = RequestRow.__table__, BatchRow.__table__
     expired = (t.c.status == str(RequestStatus.RUNNING)) & (t.c.lease_until < now)
     with ledger.engine.begin() as conn:
-        poisoned = conn.execute(
-            update(t).where(expired, t.c.attempts >= max_attempts)
-            .values(status=str(RequestStatus.FAILED), error_code=POISON, lease_until=None,
+        poisoned = (
+            conn.execute(
+                update(t)
+                .where(expired, t.c.attempts >= max_attempts)
+                .values(
+                    status=str(RequestStatus.FAILED),
+                    error_code=POISON,
+                    lease_until=None,
                     error_message=f"the worker running this request stopped {max_attempts} "
-                                  "times; it is not tried again", finished_at=now)
-            .returning(t.c.id)
-        ).scalars().all()
+                    "times; it is not tried again",
+                    finished_at=now,
+                )
+                .returning(t.c.id)
+            )
+            .scalars()
+            .all()
+        )
         back = conn.execute(
-            update(t).where(expired, t.c.attempts < max_attempts)
+            update(t)
+            .where(expired, t.c.attempts < max_attempts)
             .values(status=str(RequestStatus.QUEUED), worker=None, lease_until=None)
             .returning(t.c.id, t.c.batch_id, t.c.model)
         ).all()
         priorities: dict[str, str] = {}
         if back:
-            rows = conn.execute(select(b.c.id, b.c.priority).where(
-                b.c.id.in_({r.batch_id for r in back}))).all()
+            rows = conn.execute(
+                select(b.c.id, b.c.priority).where(b.c.id.in_({r.batch_id for r in back}))
+            ).all()
             priorities = {r.id: r.priority for r in rows}
-    return ([Requeued(r.id, r.batch_id, r.model, priorities.get(r.batch_id, "normal"))
-             for r in back], list(poisoned))
+    return (
+        [Requeued(r.id, r.batch_id, r.model, priorities.get(r.batch_id, "normal")) for r in back],
+        list(poisoned),
+    )
 
 
-def queued_requests(ledger: Ledger, *, older_than: datetime,
-                    page: int = 5000) -> Iterator[Requeued]:
+def queued_requests(
+    ledger: Ledger, *, older_than: datetime, page: int = 5000
+) -> Iterator[Requeued]:
     """Queued requests of unfinished batches, submitted before `older_than`."""
     t, b = RequestRow.__table__, BatchRow.__table__
     last = 0
@@ -71,10 +87,15 @@ def queued_requests(ledger: Ledger, *, older_than: datetime,
             rows = conn.execute(
                 select(t.c.id, t.c.batch_id, t.c.model, b.c.priority)
                 .join(b, b.c.id == t.c.batch_id)
-                .where(t.c.status == str(RequestStatus.QUEUED), t.c.id > last,
-                       t.c.created_at < older_than, b.c.tenant == ledger.tenant,
-                       b.c.status.not_in(_FINAL_BATCH))
-                .order_by(t.c.id).limit(page)
+                .where(
+                    t.c.status == str(RequestStatus.QUEUED),
+                    t.c.id > last,
+                    t.c.created_at < older_than,
+                    b.c.tenant == ledger.tenant,
+                    b.c.status.not_in(_FINAL_BATCH),
+                )
+                .order_by(t.c.id)
+                .limit(page)
             ).all()
         if not rows:
             return
@@ -92,16 +113,30 @@ def expire_due(ledger: Ledger, *, now: datetime | None = None) -> dict[str, int]
     now = now or utcnow()
     t, b = RequestRow.__table__, BatchRow.__table__
     with ledger.engine.begin() as conn:
-        due = conn.execute(select(b.c.id).where(
-            b.c.expires_at < now, b.c.status.not_in(_FINAL_BATCH),
-            b.c.tenant == ledger.tenant)).scalars().all()
+        due = (
+            conn.execute(
+                select(b.c.id).where(
+                    b.c.expires_at < now,
+                    b.c.status.not_in(_FINAL_BATCH),
+                    b.c.tenant == ledger.tenant,
+                )
+            )
+            .scalars()
+            .all()
+        )
         out = {}
         for batch_id in due:
             out[batch_id] = conn.execute(
-                update(t).where(t.c.batch_id == batch_id, t.c.status.in_(_UNFINISHED))
-                .values(status=str(RequestStatus.EXPIRED), error_code=BATCH_EXPIRED,
-                        error_message="the batch's completion window ended before this "
-                                      "request finished", finished_at=now, lease_until=None)
+                update(t)
+                .where(t.c.batch_id == batch_id, t.c.status.in_(_UNFINISHED))
+                .values(
+                    status=str(RequestStatus.EXPIRED),
+                    error_code=BATCH_EXPIRED,
+                    error_message="the batch's completion window ended before this "
+                    "request finished",
+                    finished_at=now,
+                    lease_until=None,
+                )
             ).rowcount
     return out
 
@@ -111,9 +146,15 @@ def unfinished_batches_without_work(ledger: Ledger) -> list[str]:
     t, b = RequestRow.__table__, BatchRow.__table__
     open_work = select(t.c.id).where(t.c.batch_id == b.c.id, t.c.status.in_(_UNFINISHED))
     with ledger.engine.connect() as conn:
-        return list(conn.execute(select(b.c.id).where(
-            b.c.status.not_in(_FINAL_BATCH), b.c.tenant == ledger.tenant,
-            ~open_work.exists())).scalars())
+        return list(
+            conn.execute(
+                select(b.c.id).where(
+                    b.c.status.not_in(_FINAL_BATCH),
+                    b.c.tenant == ledger.tenant,
+                    ~open_work.exists(),
+                )
+            ).scalars()
+        )
 
 
 def cutoff(seconds: float, now: datetime | None = None) -> datetime:

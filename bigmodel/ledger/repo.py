@@ -53,8 +53,12 @@ class ModelInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "version": self.version, "task": str(self.task),
-            "source": self.source, "arch": self.arch, "batch_size": self.batch_size,
+            "name": self.name,
+            "version": self.version,
+            "task": str(self.task),
+            "source": self.source,
+            "arch": self.arch,
+            "batch_size": self.batch_size,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -132,8 +136,16 @@ def _driver_errors(raw, statement: str) -> Iterator[None]:
 
 
 def _model_info(row: ModelRow) -> ModelInfo:
-    return ModelInfo(row.name, row.version, Task(row.task), row.source, row.arch,
-                     row.batch_size, dict(row.options or {}), row.created_at)
+    return ModelInfo(
+        row.name,
+        row.version,
+        Task(row.task),
+        row.source,
+        row.arch,
+        row.batch_size,
+        dict(row.options or {}),
+        row.created_at,
+    )
 
 
 class Ledger:
@@ -145,8 +157,14 @@ class Ledger:
     # -- models -------------------------------------------------------------------------------
 
     def register_model(
-        self, name: str, *, task: Task | str, source: str, arch: str | None = None,
-        batch_size: int = 32, options: dict[str, Any] | None = None,
+        self,
+        name: str,
+        *,
+        task: Task | str,
+        source: str,
+        arch: str | None = None,
+        batch_size: int = 32,
+        options: dict[str, Any] | None = None,
     ) -> ModelInfo:
         """Register `name` at the next version (1 for a new name)."""
         if not MODEL_NAME.match(name):
@@ -158,11 +176,21 @@ class Ledger:
         task = Task(task)
         for _ in range(3):
             with self.Session.begin() as s:
-                latest = s.scalar(select(func.max(ModelRow.version)).where(
-                    ModelRow.tenant == self.tenant, ModelRow.name == name))
-                row = ModelRow(tenant=self.tenant, name=name, version=(latest or 0) + 1,
-                               task=str(task), source=source, arch=arch,
-                               batch_size=batch_size, options=options or {})
+                latest = s.scalar(
+                    select(func.max(ModelRow.version)).where(
+                        ModelRow.tenant == self.tenant, ModelRow.name == name
+                    )
+                )
+                row = ModelRow(
+                    tenant=self.tenant,
+                    name=name,
+                    version=(latest or 0) + 1,
+                    task=str(task),
+                    source=source,
+                    arch=arch,
+                    batch_size=batch_size,
+                    options=options or {},
+                )
                 try:
                     s.add(row)
                     s.flush()
@@ -175,8 +203,11 @@ class Ledger:
     def list_models(self) -> list[ModelInfo]:
         """The latest version of every model name."""
         with self.Session() as s:
-            rows = s.scalars(select(ModelRow).where(ModelRow.tenant == self.tenant)
-                             .order_by(ModelRow.name, ModelRow.version)).all()
+            rows = s.scalars(
+                select(ModelRow)
+                .where(ModelRow.tenant == self.tenant)
+                .order_by(ModelRow.name, ModelRow.version)
+            ).all()
         latest: dict[str, ModelInfo] = {}
         for row in rows:
             latest[row.name] = _model_info(row)
@@ -189,8 +220,10 @@ class Ledger:
             row = s.scalars(q.order_by(ModelRow.version.desc()).limit(1)).first()
         if row is None:
             known = ", ".join(m.name for m in self.list_models()) or "none registered"
-            raise NotFound(f"model {name!r} is not registered (known: {known}); "
-                           "register it with `bigmodel models register`")
+            raise NotFound(
+                f"model {name!r} is not registered (known: {known}); "
+                "register it with `bigmodel models register`"
+            )
         return _model_info(row)
 
     def model_refs(self) -> dict[str, ModelRef]:
@@ -199,9 +232,15 @@ class Ledger:
     # -- submission ---------------------------------------------------------------------------
 
     def create_batch(
-        self, batch_id: str, specs: Sequence[RequestSpec], *, input_key: str | None,
-        versions: dict[str, int], metadata: dict[str, Any] | None = None,
-        priority: str = "normal", expires_at: datetime | None = None,
+        self,
+        batch_id: str,
+        specs: Sequence[RequestSpec],
+        *,
+        input_key: str | None,
+        versions: dict[str, int],
+        metadata: dict[str, Any] | None = None,
+        priority: str = "normal",
+        expires_at: datetime | None = None,
         created_at: datetime | None = None,
     ) -> list[tuple[int, str]]:
         """Insert the batch and all its request rows in one transaction.
@@ -210,9 +249,19 @@ class Ledger:
         """
         now = created_at or utcnow()
         with self.Session.begin() as s:
-            s.add(BatchRow(id=batch_id, tenant=self.tenant, status=str(BatchStatus.QUEUED),
-                           priority=priority, total=len(specs), input_key=input_key,
-                           metadata_=metadata or {}, created_at=now, expires_at=expires_at))
+            s.add(
+                BatchRow(
+                    id=batch_id,
+                    tenant=self.tenant,
+                    status=str(BatchStatus.QUEUED),
+                    priority=priority,
+                    total=len(specs),
+                    input_key=input_key,
+                    metadata_=metadata or {},
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
             s.flush()
             if s.bind.dialect.name == "postgresql":
                 ids = self._copy_requests(s, batch_id, specs, versions, now)
@@ -224,11 +273,20 @@ class Ledger:
         ids: list[int] = []
         for start in range(0, len(specs), _INSERT_CHUNK):
             rows = [
-                {"batch_id": batch_id, "tenant": self.tenant, "line": sp.line,
-                 "custom_id": sp.custom_id, "model": sp.model,
-                 "model_version": versions.get(sp.model, 1), "task": str(sp.task),
-                 "input": sp.input, "params": sp.params,
-                 "status": str(RequestStatus.QUEUED), "attempts": 0, "created_at": now}
+                {
+                    "batch_id": batch_id,
+                    "tenant": self.tenant,
+                    "line": sp.line,
+                    "custom_id": sp.custom_id,
+                    "model": sp.model,
+                    "model_version": versions.get(sp.model, 1),
+                    "task": str(sp.task),
+                    "input": sp.input,
+                    "params": sp.params,
+                    "status": str(RequestStatus.QUEUED),
+                    "attempts": 0,
+                    "created_at": now,
+                }
                 for sp in specs[start : start + _INSERT_CHUNK]
             ]
             stmt = insert(RequestRow).returning(RequestRow.id, sort_by_parameter_order=True)
@@ -239,19 +297,39 @@ class Ledger:
         """PostgreSQL: ids from the sequence, rows through COPY (several times faster than a
         multi-row INSERT, whose statement text alone psycopg spends most of the time on)."""
         raw = s.connection().connection.driver_connection
-        ids = [r[0] for r in raw.execute(
-            "SELECT nextval(pg_get_serial_sequence('requests', 'id')) "
-            "FROM generate_series(1, %s)", (len(specs),)).fetchall()]
-        cols = ("id, batch_id, tenant, line, custom_id, model, model_version, task, input, "
-                "params, status, attempts, created_at")
+        ids = [
+            r[0]
+            for r in raw.execute(
+                "SELECT nextval(pg_get_serial_sequence('requests', 'id')) "
+                "FROM generate_series(1, %s)",
+                (len(specs),),
+            ).fetchall()
+        ]
+        cols = (
+            "id, batch_id, tenant, line, custom_id, model, model_version, task, input, "
+            "params, status, attempts, created_at"
+        )
         queued = str(RequestStatus.QUEUED)
         statement = f"COPY requests ({cols}) FROM STDIN"
         with _driver_errors(raw, statement), raw.cursor().copy(statement) as copy:
             for rid, sp in zip(ids, specs, strict=True):
-                copy.write_row((rid, batch_id, self.tenant, sp.line, sp.custom_id, sp.model,
-                                versions.get(sp.model, 1), str(sp.task),
-                                json.dumps(sp.input, ensure_ascii=False),
-                                json.dumps(sp.params, ensure_ascii=False), queued, 0, now))
+                copy.write_row(
+                    (
+                        rid,
+                        batch_id,
+                        self.tenant,
+                        sp.line,
+                        sp.custom_id,
+                        sp.model,
+                        versions.get(sp.model, 1),
+                        str(sp.task),
+                        json.dumps(sp.input, ensure_ascii=False),
+                        json.dumps(sp.params, ensure_ascii=False),
+                        queued,
+                        0,
+                        now,
+                    )
+                )
         return ids
 
     # -- worker side --------------------------------------------------------------------------
@@ -270,21 +348,29 @@ class Ledger:
             rows = conn.execute(
                 update(t)
                 .where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.QUEUED))
-                .values(status=str(RequestStatus.RUNNING), attempts=t.c.attempts + 1,
-                        started_at=now, worker=worker,
-                        lease_until=now + timedelta(seconds=lease_s))
+                .values(
+                    status=str(RequestStatus.RUNNING),
+                    attempts=t.c.attempts + 1,
+                    started_at=now,
+                    worker=worker,
+                    lease_until=now + timedelta(seconds=lease_s),
+                )
                 .returning(t.c.id, t.c.batch_id, t.c.input, t.c.params, t.c.attempts)
             ).all()
             batch_ids = {r.batch_id for r in rows}
             if batch_ids:
                 b = BatchRow.__table__
-                conn.execute(update(b).where(b.c.id.in_(batch_ids),
-                                             b.c.status == str(BatchStatus.QUEUED))
-                             .values(status=str(BatchStatus.IN_PROGRESS), started_at=now))
+                conn.execute(
+                    update(b)
+                    .where(b.c.id.in_(batch_ids), b.c.status == str(BatchStatus.QUEUED))
+                    .values(status=str(BatchStatus.IN_PROGRESS), started_at=now)
+                )
         order = {rid: i for i, rid in enumerate(ids)}
         rows = sorted(rows, key=lambda r: order[r.id])
-        return [Claimed(r.batch_id, Item(r.id, dict(r.input), dict(r.params or {})), r.attempts)
-                for r in rows]
+        return [
+            Claimed(r.batch_id, Item(r.id, dict(r.input), dict(r.params or {})), r.attempts)
+            for r in rows
+        ]
 
     def release(self, ids: Sequence[int]) -> int:
         """Put running requests back to queued (a transient fault; they will be tried again)."""
@@ -293,7 +379,8 @@ class Ledger:
         t = RequestRow.__table__
         with self.engine.begin() as conn:
             return conn.execute(
-                update(t).where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.RUNNING))
+                update(t)
+                .where(t.c.id.in_(list(ids)), t.c.status == str(RequestStatus.RUNNING))
                 .values(status=str(RequestStatus.QUEUED), worker=None, lease_until=None)
             ).rowcount
 
@@ -304,8 +391,12 @@ class Ledger:
         t = RequestRow.__table__
         with self.engine.begin() as conn:
             return conn.execute(
-                update(t).where(t.c.id.in_(list(ids)), t.c.worker == worker,
-                                t.c.status == str(RequestStatus.RUNNING))
+                update(t)
+                .where(
+                    t.c.id.in_(list(ids)),
+                    t.c.worker == worker,
+                    t.c.status == str(RequestStatus.RUNNING),
+                )
                 .values(lease_until=utcnow() + timedelta(seconds=lease_s))
             ).rowcount
 
@@ -323,16 +414,27 @@ class Ledger:
         stmt = (
             update(t)
             .where(t.c.id == bindparam("b_id"), t.c.status == str(RequestStatus.RUNNING))
-            .values(status=bindparam("b_status"), output=bindparam("b_output"),
-                    output_key=bindparam("b_output_key"), error_code=bindparam("b_code"),
-                    error_message=bindparam("b_message"), finished_at=bindparam("b_now"),
-                    lease_until=None)
+            .values(
+                status=bindparam("b_status"),
+                output=bindparam("b_output"),
+                output_key=bindparam("b_output_key"),
+                error_code=bindparam("b_code"),
+                error_message=bindparam("b_message"),
+                finished_at=bindparam("b_now"),
+                lease_until=None,
+            )
         )
         now = utcnow()
         params = [
-            {"b_id": r.id, "b_status": str(r.status), "b_output": r.output,
-             "b_output_key": r.output_key, "b_code": r.error_code, "b_message": r.error_message,
-             "b_now": now}
+            {
+                "b_id": r.id,
+                "b_status": str(r.status),
+                "b_output": r.output,
+                "b_output_key": r.output_key,
+                "b_code": r.error_code,
+                "b_message": r.error_message,
+                "b_now": now,
+            }
             for r in results
         ]
         with self.engine.begin() as conn:
@@ -350,9 +452,12 @@ class Ledger:
             "WHERE r.id = v.id AND r.status = 'running'"
         )
         params = (
-            utcnow(), [r.id for r in results], [str(r.status) for r in results],
+            utcnow(),
+            [r.id for r in results],
+            [str(r.status) for r in results],
             [None if r.output is None else Jsonb(r.output) for r in results],
-            [r.output_key for r in results], [r.error_code for r in results],
+            [r.output_key for r in results],
+            [r.error_code for r in results],
             [r.error_message for r in results],
         )
         with self.engine.begin() as conn:
@@ -377,7 +482,8 @@ class Ledger:
     def _counts(self, s, batch_id: str) -> dict[str, int]:
         counts = dict.fromkeys(COUNT_KEYS, 0)
         for status, n in s.execute(
-            select(RequestRow.status, func.count()).where(RequestRow.batch_id == batch_id)
+            select(RequestRow.status, func.count())
+            .where(RequestRow.batch_id == batch_id)
             .group_by(RequestRow.status)
         ):
             counts[status] = n
@@ -387,14 +493,27 @@ class Ledger:
     def get_batch(self, batch_id: str) -> BatchInfo:
         with self.Session() as s:
             row = self._batch_row(s, batch_id)
-            return BatchInfo(row.id, BatchStatus(row.status), self._counts(s, batch_id),
-                             row.created_at, row.finished_at, row.input_key, row.output_key,
-                             row.errors_key, row.priority, row.expires_at)
+            return BatchInfo(
+                row.id,
+                BatchStatus(row.status),
+                self._counts(s, batch_id),
+                row.created_at,
+                row.finished_at,
+                row.input_key,
+                row.output_key,
+                row.errors_key,
+                row.priority,
+                row.expires_at,
+            )
 
     def list_batches(self, *, limit: int = 20) -> list[BatchInfo]:
         with self.Session() as s:
-            ids = s.scalars(select(BatchRow.id).where(BatchRow.tenant == self.tenant)
-                            .order_by(BatchRow.created_at.desc()).limit(limit)).all()
+            ids = s.scalars(
+                select(BatchRow.id)
+                .where(BatchRow.tenant == self.tenant)
+                .order_by(BatchRow.created_at.desc())
+                .limit(limit)
+            ).all()
         return [self.get_batch(i) for i in ids]
 
     def iter_results(self, batch_id: str, *, page: int = 1000) -> Iterator[ResultRow]:
@@ -402,13 +521,23 @@ class Ledger:
         with self.Session() as s:
             self._batch_row(s, batch_id)
         last = 0
-        cols = (RequestRow.line, RequestRow.custom_id, RequestRow.status, RequestRow.output,
-                RequestRow.output_key, RequestRow.error_code, RequestRow.error_message)
+        cols = (
+            RequestRow.line,
+            RequestRow.custom_id,
+            RequestRow.status,
+            RequestRow.output,
+            RequestRow.output_key,
+            RequestRow.error_code,
+            RequestRow.error_message,
+        )
         while True:
             with self.Session() as s:
-                rows = s.execute(select(*cols).where(RequestRow.batch_id == batch_id,
-                                                     RequestRow.line > last)
-                                 .order_by(RequestRow.line).limit(page)).all()
+                rows = s.execute(
+                    select(*cols)
+                    .where(RequestRow.batch_id == batch_id, RequestRow.line > last)
+                    .order_by(RequestRow.line)
+                    .limit(page)
+                ).all()
             if not rows:
                 return
             for r in rows:
@@ -418,9 +547,16 @@ class Ledger:
     def unfinished(self, batch_id: str) -> bool:
         """Whether any request of the batch is still queued or running (an index probe)."""
         with self.Session() as s:
-            return s.scalar(select(select(RequestRow.id).where(
-                RequestRow.batch_id == batch_id,
-                RequestRow.status.in_([str(st) for st in REQUEST_OPEN])).exists()))
+            return s.scalar(
+                select(
+                    select(RequestRow.id)
+                    .where(
+                        RequestRow.batch_id == batch_id,
+                        RequestRow.status.in_([str(st) for st in REQUEST_OPEN]),
+                    )
+                    .exists()
+                )
+            )
 
     # -- batch state --------------------------------------------------------------------------
 
@@ -433,11 +569,15 @@ class Ledger:
                 return 0
             n = s.execute(
                 update(RequestRow)
-                .where(RequestRow.batch_id == batch_id,
-                       RequestRow.status == str(RequestStatus.QUEUED))
-                .values(status=str(RequestStatus.CANCELLED), error_code=BATCH_CANCELLED,
-                        error_message="the batch was cancelled before this request ran",
-                        finished_at=now)
+                .where(
+                    RequestRow.batch_id == batch_id, RequestRow.status == str(RequestStatus.QUEUED)
+                )
+                .values(
+                    status=str(RequestStatus.CANCELLED),
+                    error_code=BATCH_CANCELLED,
+                    error_message="the batch was cancelled before this request ran",
+                    finished_at=now,
+                )
                 .execution_options(synchronize_session=False)
             ).rowcount
             row.status = str(BatchStatus.CANCELLING)

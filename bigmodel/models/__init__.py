@@ -34,8 +34,7 @@ class Accel:
     gpu_decode: bool = False  # JPEGs decoded by nvjpeg on the GPU, a batch at a time
 
     @classmethod
-    def for_device(cls, device: str, *, dtype: str = "auto",
-                   channels_last: str = "auto") -> Accel:
+    def for_device(cls, device: str, *, dtype: str = "auto", channels_last: str = "auto") -> Accel:
         cuda = device.startswith("cuda")
         if dtype == "auto":
             dtype = "float32"
@@ -60,8 +59,9 @@ class Accel:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def load_runner(info: ModelInfo, *, device: str, settings: Settings,
-                accel: Accel | None = None) -> ModelRunner:
+def load_runner(
+    info: ModelInfo, *, device: str, settings: Settings, accel: Accel | None = None
+) -> ModelRunner:
     """Build the runner for a registered model: weights loaded, on `device`, ready to predict."""
     accel = accel or Accel()
     from bigmodel.models.null import NULL_PREFIX, NullRunner

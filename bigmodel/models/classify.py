@@ -58,8 +58,10 @@ def default_transform(arch: str):
 
 def build(arch: str, *, num_classes: int) -> torch.nn.Module:
     if arch not in torchvision.models.list_models():
-        raise ConfigError(f"unknown torchvision architecture {arch!r}; e.g. resnet18, resnet50, "
-                          "mobilenet_v3_small, efficientnet_b0, vit_b_16")
+        raise ConfigError(
+            f"unknown torchvision architecture {arch!r}; e.g. resnet18, resnet50, "
+            "mobilenet_v3_small, efficientnet_b0, vit_b_16"
+        )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -76,9 +78,18 @@ def load_labels(path: Path) -> list[str]:
 class ClassifyRunner:
     task = Task.CLASSIFY
 
-    def __init__(self, name: str, model: torch.nn.Module, labels: list[str], transform,
-                 *, device: str, fetcher: Fetcher, max_image_pixels: int,
-                 accel: Accel | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        labels: list[str],
+        transform,
+        *,
+        device: str,
+        fetcher: Fetcher,
+        max_image_pixels: int,
+        accel: Accel | None = None,
+    ) -> None:
         self.name = name
         self.accel = accel or Accel()
         self.dtype = self.accel.torch_dtype
@@ -93,21 +104,25 @@ class ClassifyRunner:
         self.max_image_pixels = max_image_pixels
 
     @classmethod
-    def load(cls, info: ModelInfo, *, device: str, settings: Settings,
-             accel: Accel | None = None) -> ClassifyRunner:
+    def load(
+        cls, info: ModelInfo, *, device: str, settings: Settings, accel: Accel | None = None
+    ) -> ClassifyRunner:
         if info.source.startswith(TORCHVISION_PREFIX):
-            arch = info.source[len(TORCHVISION_PREFIX):]
+            arch = info.source[len(TORCHVISION_PREFIX) :]
             if info.arch and info.arch != arch:
-                raise ConfigError(f"model {info.name!r}: --arch {info.arch} does not match "
-                                  f"source {info.source}")
+                raise ConfigError(
+                    f"model {info.name!r}: --arch {info.arch} does not match source {info.source}"
+                )
             weights = torchvision.models.get_model_weights(arch).DEFAULT
             model = torchvision.models.get_model(arch, weights=weights)
             labels = list(weights.meta["categories"])
             transform = weights.transforms()
         else:
             if not info.arch:
-                raise ConfigError(f"model {info.name!r}: a classify model from a folder needs "
-                                  "--arch (e.g. resnet50)")
+                raise ConfigError(
+                    f"model {info.name!r}: a classify model from a folder needs "
+                    "--arch (e.g. resnet50)"
+                )
             folder = Path(resolve_source(info.source, settings))
             labels = load_labels(folder / "labels.json")
             model = build(info.arch, num_classes=len(labels))
@@ -119,13 +134,26 @@ class ClassifyRunner:
             try:
                 model.load_state_dict(load_file(str(weights_file)))
             except RuntimeError as exc:
-                raise ConfigError(f"model {info.name!r}: {weights_file} does not fit "
-                                  f"{info.arch} with {len(labels)} classes: {exc}") from None
+                raise ConfigError(
+                    f"model {info.name!r}: {weights_file} does not fit "
+                    f"{info.arch} with {len(labels)} classes: {exc}"
+                ) from None
             transform = default_transform(info.arch)
-        fetcher = Fetcher(endpoint_url=settings.s3_endpoint_url, timeout_s=settings.fetch_timeout_s,
-                          max_bytes=settings.max_image_bytes)
-        return cls(info.name, model, labels, transform, device=device, fetcher=fetcher,
-                   max_image_pixels=settings.max_image_pixels, accel=accel)
+        fetcher = Fetcher(
+            endpoint_url=settings.s3_endpoint_url,
+            timeout_s=settings.fetch_timeout_s,
+            max_bytes=settings.max_image_bytes,
+        )
+        return cls(
+            info.name,
+            model,
+            labels,
+            transform,
+            device=device,
+            fetcher=fetcher,
+            max_image_pixels=settings.max_image_pixels,
+            accel=accel,
+        )
 
     def decode(self, item: Item) -> torch.Tensor:
         data = self.fetcher.fetch(item.input["image"])
@@ -143,43 +171,50 @@ class ClassifyRunner:
                 IMAGE_DECODE_FAILED, "not an image in a known format (JPEG, PNG, GIF, WebP, ...)"
             ) from None
         except Exception as exc:
-            raise PermanentError(IMAGE_DECODE_FAILED,
-                                 f"not a readable image ({type(exc).__name__}: {exc})") from None
+            raise PermanentError(
+                IMAGE_DECODE_FAILED, f"not a readable image ({type(exc).__name__}: {exc})"
+            ) from None
         if width * height > self.max_image_pixels:
-            raise PermanentError(IMAGE_TOO_LARGE, f"the image is {width}x{height} pixels, over "
-                                 f"the limit of {self.max_image_pixels}")
+            raise PermanentError(
+                IMAGE_TOO_LARGE,
+                f"the image is {width}x{height} pixels, over the limit of {self.max_image_pixels}",
+            )
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self.accel.gpu_decode and data[:2] == b"\xff\xd8":
             return Jpeg(raw)  # decoded on the GPU with its batch-mates, in predict
         try:
             img = decode_image(raw, mode=ImageReadMode.RGB)
         except Exception as exc:
-            raise PermanentError(IMAGE_DECODE_FAILED,
-                                 f"the image cannot be decoded: {exc}") from None
+            raise PermanentError(
+                IMAGE_DECODE_FAILED, f"the image cannot be decoded: {exc}"
+            ) from None
         return self.transform(img)
 
     def batch_key(self, decoded: torch.Tensor | Jpeg, params: dict[str, Any]) -> tuple:
         # Transforms crop to one size, so every item fits one batch; shape guards the rest.
-        return ((0,) if isinstance(decoded, Jpeg) else (tuple(decoded.shape),))
+        return (0,) if isinstance(decoded, Jpeg) else (tuple(decoded.shape),)
 
     def _gpu_decode(self, decoded: Sequence[torch.Tensor | Jpeg]) -> list[torch.Tensor]:
         jpegs = [i for i, d in enumerate(decoded) if isinstance(d, Jpeg)]
         out = list(decoded)
         if jpegs:
             try:
-                images = decode_jpeg([decoded[i].data for i in jpegs], mode=ImageReadMode.RGB,
-                                     device=self.device)
+                images = decode_jpeg(
+                    [decoded[i].data for i in jpegs], mode=ImageReadMode.RGB, device=self.device
+                )
             except RuntimeError as exc:
                 if len(decoded) == 1:
-                    raise PermanentError(IMAGE_DECODE_FAILED,
-                                         f"the image cannot be decoded: {exc}") from None
+                    raise PermanentError(
+                        IMAGE_DECODE_FAILED, f"the image cannot be decoded: {exc}"
+                    ) from None
                 raise  # the run loop re-runs items alone to find the bad one
             for i, img in zip(jpegs, images, strict=True):
                 out[i] = self.transform(img)
         return [t.to(self.device, non_blocking=True) for t in out]
 
-    def predict(self, decoded: Sequence[torch.Tensor | Jpeg],
-                params: Sequence[dict[str, Any]]) -> list:
+    def predict(
+        self, decoded: Sequence[torch.Tensor | Jpeg], params: Sequence[dict[str, Any]]
+    ) -> list:
         k = min(max(p.get("top_k", 5) for p in params), len(self.labels))
         if self.accel.gpu_decode:
             x = torch.stack(self._gpu_decode(decoded))
@@ -199,5 +234,9 @@ class ClassifyRunner:
     def encode(self, output: tuple[list[float], list[int]], params: dict[str, Any]) -> dict:
         scores, indices = output
         k = params.get("top_k", 5)
-        return {"labels": [{"index": i, "label": self.labels[i], "score": round(s, 6)}
-                           for s, i in zip(scores[:k], indices[:k], strict=True)]}
+        return {
+            "labels": [
+                {"index": i, "label": self.labels[i], "score": round(s, 6)}
+                for s, i in zip(scores[:k], indices[:k], strict=True)
+            ]
+        }

@@ -70,7 +70,8 @@ class RowSampler(LogitsProcessor):
                 cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
                 drop = cum - torch.softmax(sorted_logits, dim=-1) >= row.top_p
                 logits = logits.masked_fill(
-                    torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+                    torch.zeros_like(drop).scatter(0, order, drop), float("-inf")
+                )
             probs = torch.softmax(logits, dim=-1)
             token = torch.multinomial(probs, 1, generator=row.generator)
             scores[r] = torch.full_like(scores[r], float("-inf"))
@@ -93,8 +94,9 @@ class RowStop(StoppingCriteria):
             if produced >= row.max_new_tokens:
                 done[r] = True
             elif row.stop:
-                text = self.tokenizer.decode(input_ids[r, self.prompt_len:],
-                                             skip_special_tokens=True)
+                text = self.tokenizer.decode(
+                    input_ids[r, self.prompt_len :], skip_special_tokens=True
+                )
                 done[r] = any(s in text for s in row.stop)
         return done
 
@@ -116,13 +118,16 @@ class GenerateRunner:
         if self.pad_id is None:
             self.pad_id = 0
         cfg = model.config
-        self.context = int(getattr(cfg, "max_position_embeddings", 0)
-                           or getattr(cfg, "n_positions", 0)
-                           or min(tokenizer.model_max_length, 1 << 20))
+        self.context = int(
+            getattr(cfg, "max_position_embeddings", 0)
+            or getattr(cfg, "n_positions", 0)
+            or min(tokenizer.model_max_length, 1 << 20)
+        )
 
     @classmethod
-    def load(cls, info: ModelInfo, *, device: str, settings: Settings,
-             accel: Accel | None = None) -> GenerateRunner:
+    def load(
+        cls, info: ModelInfo, *, device: str, settings: Settings, accel: Accel | None = None
+    ) -> GenerateRunner:
         accel = accel or Accel()
         path = resolve_source(info.source, settings)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -150,8 +155,10 @@ class GenerateRunner:
 
     def cost(self, decoded: list[int], params: dict[str, Any]) -> tuple[int, int]:
         """Rows and padded length this request adds to a batch (for the token budget)."""
-        return (params.get("num_return_sequences", 1),
-                len(decoded) + params.get("max_new_tokens", 32))
+        return (
+            params.get("num_return_sequences", 1),
+            len(decoded) + params.get("max_new_tokens", 32),
+        )
 
     def _rows(self, ids: list[int], params: dict[str, Any]) -> list[Row]:
         do_sample = bool(params.get("do_sample", False))
@@ -164,9 +171,18 @@ class GenerateRunner:
             if do_sample:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed((seed * _SEED_MIX + j) % (2**63))
-            rows.append(Row(ids, params.get("max_new_tokens", 32), do_sample,
-                            params.get("temperature", 1.0), params.get("top_p", 1.0),
-                            params.get("top_k"), list(params.get("stop") or []), gen))
+            rows.append(
+                Row(
+                    ids,
+                    params.get("max_new_tokens", 32),
+                    do_sample,
+                    params.get("temperature", 1.0),
+                    params.get("top_p", 1.0),
+                    params.get("top_k"),
+                    list(params.get("stop") or []),
+                    gen,
+                )
+            )
         return rows
 
     def predict(self, decoded: Sequence[list[int]], params: Sequence[dict[str, Any]]) -> list:
@@ -181,8 +197,8 @@ class GenerateRunner:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             n = len(row.prompt_ids)
-            input_ids[r, width - n:] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            mask[r, width - n:] = 1
+            input_ids[r, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            mask[r, width - n :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         with torch.inference_mode():
             out = self.model.generate(

@@ -24,13 +24,15 @@ _DELAY = re.compile(r"delay_ms=(\d{1,6})")
 
 def null_delay_ms(source: str) -> int:
     """The per-batch delay of a `null:` source: `null:` is 0, `null:delay_ms=N` is N."""
-    rest = source[len(NULL_PREFIX):]
+    rest = source[len(NULL_PREFIX) :]
     if not rest:
         return 0
     match = _DELAY.fullmatch(rest)
     if match is None:
-        raise ConfigError(f"source {source!r}: use `null:` or `null:delay_ms=N` "
-                          "(N whole milliseconds per batch, at most 999999)")
+        raise ConfigError(
+            f"source {source!r}: use `null:` or `null:delay_ms=N` "
+            "(N whole milliseconds per batch, at most 999999)"
+        )
     return int(match.group(1))
 
 

@@ -35,7 +35,7 @@ def download_prefix(uri: str, settings: Settings) -> Path:
     if not keys:
         raise ConfigError(f"model source {uri!r} holds no objects")
     for key in keys:
-        rel = key[len(prefix):].lstrip("/") if prefix else key
+        rel = key[len(prefix) :].lstrip("/") if prefix else key
         dest = target / rel
         if dest.exists():
             continue

@@ -23,8 +23,9 @@ CORPUS = [
 EOS = "<|endoftext|>"
 
 
-def build_tiny_generator(folder: str | Path, *, n_positions: int = 128, seed: int = 0,
-                         n_layer: int = 2, n_embd: int = 64) -> Path:
+def build_tiny_generator(
+    folder: str | Path, *, n_positions: int = 128, seed: int = 0, n_layer: int = 2, n_embd: int = 64
+) -> Path:
     """A GPT-2 shaped causal LM with a byte-level BPE tokenizer trained on a few lines."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,23 +36,36 @@ def build_tiny_generator(folder: str | Path, *, n_positions: int = 128, seed: in
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
-                                   unk_token=EOS, model_max_length=n_positions)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        model_max_length=n_positions,
+    )
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(fast), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=2, bos_token_id=fast.eos_token_id,
-                        eos_token_id=fast.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     model = GPT2LMHeadModel(config)
     model.save_pretrained(folder)
     return folder
 
 
-def build_tiny_classifier(folder: str | Path, *, arch: str = "resnet18", num_classes: int = 10,
-                          seed: int = 0) -> Path:
+def build_tiny_classifier(
+    folder: str | Path, *, arch: str = "resnet18", num_classes: int = 10, seed: int = 0
+) -> Path:
     """A torchvision architecture with random weights as `model.safetensors` + `labels.json`."""
     import torch
     import torchvision
@@ -83,12 +97,15 @@ def make_images(count: int, *, size: int = 64, seed: int = 0, fmt: str = "JPEG")
         a, b = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
         for y in range(size):
             t = y / max(size - 1, 1)
-            draw.line([(0, y), (size, y)], fill=tuple(int(a[c] * (1 - t) + b[c] * t)
-                                                      for c in range(3)))
+            draw.line(
+                [(0, y), (size, y)], fill=tuple(int(a[c] * (1 - t) + b[c] * t) for c in range(3))
+            )
         x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
         shape = rng.choice([draw.ellipse, draw.rectangle])
-        shape([x0, y0, x0 + size // 3, y0 + size // 3],
-              fill=tuple(rng.randrange(256) for _ in range(3)))
+        shape(
+            [x0, y0, x0 + size // 3, y0 + size // 3],
+            fill=tuple(rng.randrange(256) for _ in range(3)),
+        )
         buf = io.BytesIO()
         img.save(buf, format=fmt, quality=90) if fmt == "JPEG" else img.save(buf, format=fmt)
         out.append(buf.getvalue())

@@ -20,8 +20,13 @@ from bigmodel.core.errors import (
 class Fetcher:
     """Reads input bytes with a size limit; missing objects are permanent, outages retryable."""
 
-    def __init__(self, *, endpoint_url: str | None = None, timeout_s: float = 30.0,
-                 max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        timeout_s: float = 30.0,
+        max_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
         self.endpoint_url = endpoint_url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -51,8 +56,9 @@ class Fetcher:
         if not sep or not header.endswith(";base64"):
             raise PermanentError(INVALID_INPUT, "data: URI must be data:<type>;base64,<data>")
         if len(payload) * 3 // 4 > self.max_bytes:
-            raise PermanentError(OBJECT_TOO_LARGE,
-                                 f"data: URI is over the limit of {self.max_bytes} bytes")
+            raise PermanentError(
+                OBJECT_TOO_LARGE, f"data: URI is over the limit of {self.max_bytes} bytes"
+            )
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -73,6 +79,7 @@ class Fetcher:
             reason = getattr(exc, "reason", exc)
             raise RetryableError(f"{uri}: {reason}", delay_s=2.0) from None
         if len(data) > self.max_bytes:
-            raise PermanentError(OBJECT_TOO_LARGE,
-                                 f"{uri} is over the limit of {self.max_bytes} bytes")
+            raise PermanentError(
+                OBJECT_TOO_LARGE, f"{uri} is over the limit of {self.max_bytes} bytes"
+            )
         return data

@@ -18,8 +18,12 @@ _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 
 def make_client(endpoint_url: str | None):
-    cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32,
-                 connect_timeout=10, read_timeout=60)
+    cfg = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        max_pool_connections=32,
+        connect_timeout=10,
+        read_timeout=60,
+    )
     return boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
 
 
@@ -47,8 +51,9 @@ class S3Storage(Storage):
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> str:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                   ContentType=content_type)
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+            )
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, self.uri(key)) from exc
         return self.uri(key)
@@ -64,8 +69,9 @@ class S3Storage(Storage):
             size = obj.get("ContentLength") or 0
             if max_bytes is not None and size > max_bytes:
                 obj["Body"].close()
-                raise PermanentError(OBJECT_TOO_LARGE,
-                                     f"{what} is {size} bytes, over the limit of {max_bytes} bytes")
+                raise PermanentError(
+                    OBJECT_TOO_LARGE, f"{what} is {size} bytes, over the limit of {max_bytes} bytes"
+                )
             return obj["Body"].read()
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, what) from exc
@@ -87,7 +93,8 @@ class S3Storage(Storage):
         """Keys (relative to the bucket) under `prefix` (relative to the bucket)."""
         keys: list[str] = []
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix)
+            Bucket=self.bucket, Prefix=prefix
+        )
         for page in pages:
             keys.extend(o["Key"] for o in page.get("Contents", []))
         return keys

@@ -33,27 +33,39 @@ class Stack:
     workers: list[subprocess.Popen] = field(default_factory=list)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None):
-        proc = subprocess.run([BIGMODEL, *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout, input=input,
-                              cwd=self.home)
+        proc = subprocess.run(
+            [BIGMODEL, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            cwd=self.home,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"bigmodel {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"bigmodel {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def cli_json(self, *args: str):
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start_worker(self, *models: str, extra: tuple[str, ...] = (), name: str = "w1",
-                     ready_timeout_s: float = 120) -> subprocess.Popen:
+    def start_worker(
+        self,
+        *models: str,
+        extra: tuple[str, ...] = (),
+        name: str = "w1",
+        ready_timeout_s: float = 120,
+    ) -> subprocess.Popen:
         log = self.home / f"worker-{name}.log"
-        args = [BIGMODEL, "worker", "--device", "cpu", "--name", name,
-                *extra]
+        args = [BIGMODEL, "worker", "--device", "cpu", "--name", name, *extra]
         for m in models:
             args += ["--model", m]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=self.home)
+            proc = subprocess.Popen(
+                args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.home
+            )
         self.workers.append(proc)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -102,23 +114,45 @@ class Stack:
 
 
 @pytest.fixture
-def stack(request, tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket,
-          tiny_models):
+def stack(
+    request, tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket, tiny_models
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIGMODEL_")}
-    env.update({
-        "BIGMODEL_HOME": str(tmp_path / "home"),
-        "BIGMODEL_BROKER_URL": redis_url,
-        "BIGMODEL_DATABASE_URL": database_url,
-        "BIGMODEL_STORAGE_URL": f"s3://{s3_bucket}/bigmodel",
-        "BIGMODEL_S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "BIGMODEL_HOME": str(tmp_path / "home"),
+            "BIGMODEL_BROKER_URL": redis_url,
+            "BIGMODEL_DATABASE_URL": database_url,
+            "BIGMODEL_STORAGE_URL": f"s3://{s3_bucket}/bigmodel",
+            "BIGMODEL_S3_ENDPOINT_URL": s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     s = Stack(env=env, home=tmp_path, bucket=s3_bucket)
-    s.cli("models", "register", "cls", str(tiny_models["classifier"]), "--task", "classify",
-          "--arch", "resnet18", "--batch-size", "16")
-    s.cli("models", "register", "gen", str(tiny_models["generator"]), "--task", "generate",
-          "--batch-size", "8")
+    s.cli(
+        "models",
+        "register",
+        "cls",
+        str(tiny_models["classifier"]),
+        "--task",
+        "classify",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "16",
+    )
+    s.cli(
+        "models",
+        "register",
+        "gen",
+        str(tiny_models["generator"]),
+        "--task",
+        "generate",
+        "--batch-size",
+        "8",
+    )
     yield s
     s.stop_workers()

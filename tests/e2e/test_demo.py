@@ -14,9 +14,14 @@ from tests.e2e.conftest import BIGMODEL
 
 
 def run_demo(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([BIGMODEL, "demo", "--images", "10", "--prompts", "10",
-                           "--device", "cpu"], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [BIGMODEL, "demo", "--images", "10", "--prompts", "10", "--device", "cpu"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -34,8 +39,10 @@ def test_demo_runs_embedded_with_nothing_installed(tmp_path):
     records = [json.loads(x) for x in outputs[0].read_text().splitlines()]
     assert len(records) == 20 and all(r["status"] == "succeeded" for r in records)
     errors = outputs[0].with_name("errors.jsonl").read_text().splitlines()
-    assert {json.loads(x)["error"]["code"] for x in errors} == {"image_decode_failed",
-                                                                "prompt_too_long"}
+    assert {json.loads(x)["error"]["code"] for x in errors} == {
+        "image_decode_failed",
+        "prompt_too_long",
+    }
     # A second run reuses the models it built.
     again = run_demo(env, tmp_path)
     assert "building" not in again.stdout

@@ -16,16 +16,29 @@ import pytest
 
 from tests.conftest import free_port, service_missing
 
-FAST_RECOVERY = {"BIGMODEL_LEASE_S": "3", "BIGMODEL_RECONCILE_INTERVAL_S": "1",
-                 "BIGMODEL_LOST_GRACE_S": "2"}
+FAST_RECOVERY = {
+    "BIGMODEL_LEASE_S": "3",
+    "BIGMODEL_RECONCILE_INTERVAL_S": "1",
+    "BIGMODEL_LOST_GRACE_S": "2",
+}
 
 
 def write_job(stack, n: int, *, tokens: int = 40, name: str = "job.jsonl", model="gen"):
     path = stack.home / name
-    path.write_text("".join(json.dumps({"custom_id": f"r{i:05d}", "model": model,
-                                        "input": {"prompt": f"Hello {i}"},
-                                        "params": {"max_new_tokens": tokens}}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"r{i:05d}",
+                    "model": model,
+                    "input": {"prompt": f"Hello {i}"},
+                    "params": {"max_new_tokens": tokens},
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -53,8 +66,11 @@ def assert_exactly_once(stack, batch_id: str, total: int, *, max_attempts: int =
 
 def counts(stack, batch_id) -> dict[str, int]:
     """Requests of the batch per status, straight from the ledger (polls must be quick)."""
-    found = dict(stack.sql("SELECT status, count(*) FROM requests WHERE batch_id = :b "
-                           "GROUP BY status", b=batch_id))
+    found = dict(
+        stack.sql(
+            "SELECT status, count(*) FROM requests WHERE batch_id = :b GROUP BY status", b=batch_id
+        )
+    )
     return {s: found.get(s, 0) for s in ("queued", "running", "succeeded", "failed")}
 
 
@@ -70,17 +86,21 @@ def test_kill_9_mid_batch_every_request_completes_once(stack):
     path = write_job(stack, 80, model=model)
     w1 = stack.start_worker(model, extra=("--max-batch-size", "4"), name="w1")
     batch = stack.cli("submit", str(path)).stdout.strip()
-    wait_until(lambda: counts(stack, batch)["succeeded"] >= 4 and counts(stack, batch)["running"],
-               what="work in flight")
+    wait_until(
+        lambda: counts(stack, batch)["succeeded"] >= 4 and counts(stack, batch)["running"],
+        what="work in flight",
+    )
     w1.kill()
     w1.wait()
-    stuck = stack.sql("SELECT count(*) FROM requests WHERE batch_id = :b AND status = 'running'",
-                      b=batch)[0][0]
+    stuck = stack.sql(
+        "SELECT count(*) FROM requests WHERE batch_id = :b AND status = 'running'", b=batch
+    )[0][0]
     assert stuck > 0  # killed while holding requests
     stack.start_worker(model, extra=("--max-batch-size", "4"), name="w2")
     assert_exactly_once(stack, batch, 80, max_attempts=2)
-    redone = stack.sql("SELECT count(*) FROM requests WHERE batch_id = :b AND attempts = 2",
-                       b=batch)[0][0]
+    redone = stack.sql(
+        "SELECT count(*) FROM requests WHERE batch_id = :b AND attempts = 2", b=batch
+    )[0][0]
     assert redone == stuck
 
 
@@ -90,8 +110,9 @@ def test_three_workers_share_a_queue_without_doing_anything_twice(stack):
         stack.start_worker("gen", extra=("--max-batch-size", "4"), name=name)
     batch = stack.cli("submit", str(path)).stdout.strip()
     assert_exactly_once(stack, batch, 300, max_attempts=1)
-    used = stack.sql("SELECT worker, count(*) FROM requests WHERE batch_id = :b GROUP BY worker",
-                     b=batch)
+    used = stack.sql(
+        "SELECT worker, count(*) FROM requests WHERE batch_id = :b GROUP BY worker", b=batch
+    )
     assert len(used) >= 2, used
 
 
@@ -104,9 +125,21 @@ def private_redis():
     port = free_port()
 
     def start():
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: _connects(port), 10, "redis to start")
         return proc
 
@@ -154,8 +187,12 @@ def test_sigterm_finishes_the_batch_in_hand_and_leaves_the_rest_queued(stack):
     assert w1.wait(timeout=60) == 0
     c = counts(stack, batch)
     assert c["running"] == 0 and c["succeeded"] >= 1 and c["queued"] >= 1, c
-    assert stack.sql("SELECT count(*) FROM requests WHERE worker = 'w1' AND status != "
-                     "'succeeded'")[0][0] == 0
+    assert (
+        stack.sql("SELECT count(*) FROM requests WHERE worker = 'w1' AND status != 'succeeded'")[0][
+            0
+        ]
+        == 0
+    )
     log = (stack.home / "worker-w1.log").read_text()
     assert "received SIGTERM: finishing the current batch" in log
     stack.start_worker(model, extra=("--max-batch-size", "4"), name="w2")
@@ -176,6 +213,7 @@ def test_database_connections_dropped_under_a_running_worker(stack):
     dbname = stack.env["BIGMODEL_DATABASE_URL"].rsplit("/", 1)[1]
     done = 0
     for _ in range(3):
+
         def progressed(seen=done):
             now = counts(stack, batch)
             return now["running"] and now["succeeded"] > seen and now["succeeded"]
@@ -185,7 +223,9 @@ def test_database_connections_dropped_under_a_running_worker(stack):
         with psycopg.connect(stack.env["BIGMODEL_DATABASE_URL"], autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()[0]
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            ).fetchone()[0]
         assert killed >= 1
     assert_exactly_once(stack, batch, 300, max_attempts=2)
 
@@ -253,8 +293,13 @@ def test_storage_outage_is_retried_until_it_succeeds(stack):
     reqs = []
     for i, img in enumerate(make_images(24, size=64, seed=3)):
         s3.put_object(Bucket=stack.bucket, Key=f"in/{i}.jpg", Body=img)
-        reqs.append({"custom_id": f"img{i}", "model": "cls",
-                     "input": {"image": f"s3://{stack.bucket}/in/{i}.jpg"}})
+        reqs.append(
+            {
+                "custom_id": f"img{i}",
+                "model": "cls",
+                "input": {"image": f"s3://{stack.bucket}/in/{i}.jpg"},
+            }
+        )
     path = stack.home / "images.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     batch = stack.cli("submit", str(path)).stdout.strip()  # the input file goes to S3 directly
@@ -262,8 +307,10 @@ def test_storage_outage_is_retried_until_it_succeeds(stack):
     stack.env.update(FAST_RECOVERY, BIGMODEL_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
     proxy.stop()  # S3 is down when the worker starts fetching
     stack.start_worker("cls")
-    wait_until(lambda: "transient fault" in (stack.home / "worker-w1.log").read_text(),
-               what="a retried fetch")
+    wait_until(
+        lambda: "transient fault" in (stack.home / "worker-w1.log").read_text(),
+        what="a retried fetch",
+    )
     time.sleep(2)
     proxy.start()
     final = assert_exactly_once(stack, batch, 24, max_attempts=5)
@@ -278,12 +325,15 @@ def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
     long enough for the chaos loop, whose every restart waits until the new worker consumes.
     """
     stack.env.update(FAST_RECOVERY)
-    stack.cli("models", "register", "noop", "null:delay_ms=25", "--task", "generate",
-              "--batch-size", "20")
+    stack.cli(
+        "models", "register", "noop", "null:delay_ms=25", "--task", "generate", "--batch-size", "20"
+    )
     total = 20_000
     path = write_job(stack, total, tokens=1, name="soak.jsonl", model="noop")
-    procs = {name: stack.start_worker("noop", extra=("--max-batch-size", "20"), name=name)
-             for name in ("s1", "s2")}
+    procs = {
+        name: stack.start_worker("noop", extra=("--max-batch-size", "20"), name=name)
+        for name in ("s1", "s2")
+    }
     batch = stack.cli("submit", str(path)).stdout.strip()
     rng = random.Random(0)
     kills = 0
@@ -303,8 +353,9 @@ def test_soak_chaos_20000_requests_two_workers(stack, tiny_models):
     assert kills >= 3
     final = assert_exactly_once(stack, batch, total, max_attempts=5)
     audit = json.loads(stack.cli("audit", batch, "--json").stdout)
-    (stack.home / "soak-audit.json").write_text(json.dumps(
-        {"kills": kills, "final": final, "audit": audit}, indent=2))
+    (stack.home / "soak-audit.json").write_text(
+        json.dumps({"kills": kills, "final": final, "audit": audit}, indent=2)
+    )
     print(f"soak: {total} requests, {kills} kills, audit {audit}")
 
 
@@ -322,8 +373,10 @@ def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
     kills = 0
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        status, holder = stack.sql("SELECT status, worker FROM requests WHERE "
-                                   "custom_id = 'r00003' AND batch_id = :b", b=batch)[0]
+        status, holder = stack.sql(
+            "SELECT status, worker FROM requests WHERE custom_id = 'r00003' AND batch_id = :b",
+            b=batch,
+        )[0]
         if status == "failed":
             break
         if status == "running" and holder == name:  # the current worker runs it: it dies
@@ -335,9 +388,13 @@ def test_a_request_that_keeps_killing_its_worker_ends_as_poison(stack):
         time.sleep(0.05)
     final = stack.wait_final(batch)
     assert kills == 3, kills
-    rows = {r.custom_id: r for r in stack.sql(
-        "SELECT custom_id, status, attempts, error_code FROM requests WHERE batch_id = :b",
-        b=batch)}
+    rows = {
+        r.custom_id: r
+        for r in stack.sql(
+            "SELECT custom_id, status, attempts, error_code FROM requests WHERE batch_id = :b",
+            b=batch,
+        )
+    }
     assert (rows["r00003"].status, rows["r00003"].error_code) == ("failed", "poison")
     assert rows["r00003"].attempts == 3
     others = [r for c, r in rows.items() if c != "r00003"]

@@ -20,8 +20,14 @@ from bigmodel.ledger.repo import ModelInfo
 from bigmodel.models import load_runner
 from bigmodel.models.tiny import make_images
 
-PROMPTS = ["Hello there", "The quick brown fox", "请用一句话介绍批量推理：",
-           "Le renard brun saute par-dessus le chien paresseux", "Erkläre kurz:", "Once upon"]
+PROMPTS = [
+    "Hello there",
+    "The quick brown fox",
+    "请用一句话介绍批量推理：",
+    "Le renard brun saute par-dessus le chien paresseux",
+    "Erkläre kurz:",
+    "Once upon",
+]
 
 
 def build_requests(stack) -> tuple[list[dict], dict[str, str]]:
@@ -36,17 +42,32 @@ def build_requests(stack) -> tuple[list[dict], dict[str, str]]:
             ref = f"s3://{stack.bucket}/{key}"
         else:
             ref = "data:image/png;base64," + base64.b64encode(img).decode()
-        reqs.append({"custom_id": f"img-{i:03d}", "model": "cls", "input": {"image": ref},
-                     "params": {"top_k": 1 + i % 5}})
+        reqs.append(
+            {
+                "custom_id": f"img-{i:03d}",
+                "model": "cls",
+                "input": {"image": ref},
+                "params": {"top_k": 1 + i % 5},
+            }
+        )
     s3.put_object(Bucket=stack.bucket, Key="inputs/not-an-image.jpg", Body=b"hello, I am text")
     s3.put_object(Bucket=stack.bucket, Key="inputs/truncated.jpg", Body=images[0][:300])
     s3.put_object(Bucket=stack.bucket, Key="inputs/empty.jpg", Body=b"")
-    bad = {"img-missing": "object_not_found", "img-text": "image_decode_failed",
-           "img-truncated": "image_decode_failed", "img-empty": "image_decode_failed"}
-    for cid, key in [("img-missing", "inputs/nope.jpg"), ("img-text", "inputs/not-an-image.jpg"),
-                     ("img-truncated", "inputs/truncated.jpg"), ("img-empty", "inputs/empty.jpg")]:
-        reqs.append({"custom_id": cid, "model": "cls",
-                     "input": {"image": f"s3://{stack.bucket}/{key}"}})
+    bad = {
+        "img-missing": "object_not_found",
+        "img-text": "image_decode_failed",
+        "img-truncated": "image_decode_failed",
+        "img-empty": "image_decode_failed",
+    }
+    for cid, key in [
+        ("img-missing", "inputs/nope.jpg"),
+        ("img-text", "inputs/not-an-image.jpg"),
+        ("img-truncated", "inputs/truncated.jpg"),
+        ("img-empty", "inputs/empty.jpg"),
+    ]:
+        reqs.append(
+            {"custom_id": cid, "model": "cls", "input": {"image": f"s3://{stack.bucket}/{key}"}}
+        )
     for i in range(54):
         params: dict = {"max_new_tokens": 4 + i % 9}
         if i % 3 == 1:
@@ -55,20 +76,34 @@ def build_requests(stack) -> tuple[list[dict], dict[str, str]]:
             params.update(do_sample=True, seed=i, num_return_sequences=2)
         if i % 10 == 5:
             params["stop"] = ["e"]
-        reqs.append({"custom_id": f"txt-{i:03d}", "model": "gen",
-                     "input": {"prompt": PROMPTS[i % len(PROMPTS)]}, "params": params})
-    reqs.append({"custom_id": "txt-too-long", "model": "gen",
-                 "input": {"prompt": "many words " * 300}})
-    reqs.append({"custom_id": "txt-window", "model": "gen", "input": {"prompt": "Hello"},
-                 "params": {"max_new_tokens": 500}})
+        reqs.append(
+            {
+                "custom_id": f"txt-{i:03d}",
+                "model": "gen",
+                "input": {"prompt": PROMPTS[i % len(PROMPTS)]},
+                "params": params,
+            }
+        )
+    reqs.append(
+        {"custom_id": "txt-too-long", "model": "gen", "input": {"prompt": "many words " * 300}}
+    )
+    reqs.append(
+        {
+            "custom_id": "txt-window",
+            "model": "gen",
+            "input": {"prompt": "Hello"},
+            "params": {"max_new_tokens": 500},
+        }
+    )
     bad |= {"txt-too-long": "prompt_too_long", "txt-window": "prompt_too_long"}
     return reqs, bad
 
 
 def expected_generations(tiny_models, reqs) -> dict[str, dict]:
     """The same generate requests through the model in this process, one at a time."""
-    info = ModelInfo("gen", 1, Task.GENERATE, str(tiny_models["generator"]), None, 8, {},
-                     datetime.now(UTC))
+    info = ModelInfo(
+        "gen", 1, Task.GENERATE, str(tiny_models["generator"]), None, 8, {}, datetime.now(UTC)
+    )
     loop = RunLoop(load_runner(info, device="cpu", settings=Settings()), max_batch_size=1)
     out = {}
     for r in reqs:
@@ -89,8 +124,9 @@ def test_bulk_job_end_to_end(stack, tiny_models, redis_client, database_url):
     assert sum(r["model"] == "cls" for r in reqs) >= 50
     assert sum(r["model"] == "gen" for r in reqs) >= 50
     path = stack.home / "job.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reqs),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in reqs), encoding="utf-8"
+    )
 
     stack.start_worker("cls", "gen")
     submitted = stack.cli("submit", str(path), "--wait", "--json", timeout=300)
@@ -98,18 +134,31 @@ def test_bulk_job_end_to_end(stack, tiny_models, redis_client, database_url):
     batch_id = info["id"]
     assert batch_id.startswith("batch_")
     assert info["status"] == "completed"
-    assert info["counts"] == {"total": len(reqs), "queued": 0, "running": 0,
-                              "succeeded": len(reqs) - len(bad), "failed": len(bad),
-                              "cancelled": 0, "expired": 0}
+    assert info["counts"] == {
+        "total": len(reqs),
+        "queued": 0,
+        "running": 0,
+        "succeeded": len(reqs) - len(bad),
+        "failed": len(bad),
+        "cancelled": 0,
+        "expired": 0,
+    }
     assert stack.cli_json("status", batch_id)["status"] == "completed"
 
     # Every request is in the ledger, final, once, with the right output or error.
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.connect() as conn:
-        rows = {r.custom_id: r for r in conn.execute(text(
-            "SELECT custom_id, status, attempts, output, output_key, error_code, error_message,"
-            " worker, input, started_at, finished_at FROM requests WHERE batch_id = :b"),
-            {"b": batch_id})}
+        rows = {
+            r.custom_id: r
+            for r in conn.execute(
+                text(
+                    "SELECT custom_id, status, attempts, output, output_key, error_code, "
+                    "error_message, worker, input, started_at, finished_at FROM requests "
+                    "WHERE batch_id = :b"
+                ),
+                {"b": batch_id},
+            )
+        }
     engine.dispose()
     assert set(rows) == {r["custom_id"] for r in reqs}
 
@@ -145,19 +194,23 @@ def test_bulk_job_end_to_end(stack, tiny_models, redis_client, database_url):
     assert {r["custom_id"]: r["error"]["code"] for r in err_file} == bad
     for rec in out_file:
         assert rec["status"] == "succeeded" and rec["output"] == as_json(
-            rows[rec["custom_id"]].output)
+            rows[rec["custom_id"]].output
+        )
     results = [json.loads(x) for x in stack.cli("results", batch_id).stdout.splitlines()]
     assert [r["custom_id"] for r in results] == [r["custom_id"] for r in reqs]
     assert sorted(results, key=lambda r: r["custom_id"]) == sorted(
-        out_file + err_file, key=lambda r: r["custom_id"])
+        out_file + err_file, key=lambda r: r["custom_id"]
+    )
 
     csv_path = stack.home / "results.csv"
     stack.cli("results", batch_id, "--format", "csv", "--output", str(csv_path))
     with open(csv_path, newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(reqs) and set(table[0]) == {"custom_id", "status", "output", "error"}
-    assert json.loads(next(t for t in table if t["custom_id"] == "img-missing")["error"])[
-        "code"] == "object_not_found"
+    assert (
+        json.loads(next(t for t in table if t["custom_id"] == "img-missing")["error"])["code"]
+        == "object_not_found"
+    )
 
     # Nothing is left in Redis: every message was consumed and acknowledged.
     assert redis_client.llen("bigmodel.model.cls") == 0
@@ -172,17 +225,27 @@ def test_bad_submission_is_rejected_whole(stack, redis_client):
         json.dumps({"custom_id": "a", "model": "gen", "input": {"prompt": "dup"}}),
         json.dumps({"custom_id": "c", "model": "cls", "input": {"prompt": "wrong task"}}),
         json.dumps({"custom_id": "d", "model": "nope", "input": {"prompt": "x"}}),
-        json.dumps({"custom_id": "e", "model": "gen", "input": {"prompt": "x"},
-                    "params": {"temperature": -1}}),
+        json.dumps(
+            {
+                "custom_id": "e",
+                "model": "gen",
+                "input": {"prompt": "x"},
+                "params": {"temperature": -1},
+            }
+        ),
     ]
     path = stack.home / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     proc = stack.cli("submit", str(path), check=False)
     assert proc.returncode == 2 and proc.stdout == ""
-    for fragment in ["5 of 6 lines are invalid", "line 2: invalid JSON",
-                     "line 3 (custom_id 'a'), field 'custom_id': duplicate custom_id",
-                     "line 4 (custom_id 'c'), field 'input.image'", "unknown model 'nope'",
-                     "line 6 (custom_id 'e'), field 'params.temperature'"]:
+    for fragment in [
+        "5 of 6 lines are invalid",
+        "line 2: invalid JSON",
+        "line 3 (custom_id 'a'), field 'custom_id': duplicate custom_id",
+        "line 4 (custom_id 'c'), field 'input.image'",
+        "unknown model 'nope'",
+        "line 6 (custom_id 'e'), field 'params.temperature'",
+    ]:
         assert fragment in proc.stderr, proc.stderr
     as_json = stack.cli("submit", str(path), "--json", check=False)
     assert sorted({e["line"] for e in json.loads(as_json.stdout)["lines"]}) == [2, 3, 4, 5, 6]
@@ -197,8 +260,15 @@ def test_bad_submission_is_rejected_whole(stack, redis_client):
 
 
 def test_cancel_leaves_no_queued_request(stack):
-    reqs = [{"custom_id": f"q{i}", "model": "gen", "input": {"prompt": "Hello"},
-             "params": {"max_new_tokens": 100}} for i in range(60)]
+    reqs = [
+        {
+            "custom_id": f"q{i}",
+            "model": "gen",
+            "input": {"prompt": "Hello"},
+            "params": {"max_new_tokens": 100},
+        }
+        for i in range(60)
+    ]
     path = stack.home / "job.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
 
@@ -234,17 +304,36 @@ def test_worker_drops_pickle_and_malformed_messages_and_goes_on(stack, redis_cli
     stack.start_worker("gen")
     with Connection(stack.env["BIGMODEL_BROKER_URL"]) as conn:
         producer = conn.Producer()
-        producer.publish({"v": 1, "batch_id": "b", "model": "gen", "ids": [1]},
-                         routing_key="bigmodel.model.gen", serializer="pickle",
-                         headers={"task": "bigmodel.run_chunk"})
-        producer.publish([[{"v": 1, "ids": "not a list"}], {}, {}],
-                         routing_key="bigmodel.model.gen", serializer="json",
-                         headers={"task": "bigmodel.run_chunk"})
-        producer.publish([[], {}, {}], routing_key="bigmodel.model.gen", serializer="json",
-                         headers={"task": "os.system"})
+        producer.publish(
+            {"v": 1, "batch_id": "b", "model": "gen", "ids": [1]},
+            routing_key="bigmodel.model.gen",
+            serializer="pickle",
+            headers={"task": "bigmodel.run_chunk"},
+        )
+        producer.publish(
+            [[{"v": 1, "ids": "not a list"}], {}, {}],
+            routing_key="bigmodel.model.gen",
+            serializer="json",
+            headers={"task": "bigmodel.run_chunk"},
+        )
+        producer.publish(
+            [[], {}, {}],
+            routing_key="bigmodel.model.gen",
+            serializer="json",
+            headers={"task": "os.system"},
+        )
     path = stack.home / "ok.jsonl"
-    path.write_text(json.dumps({"custom_id": "a", "model": "gen", "input": {"prompt": "hi"},
-                                "params": {"max_new_tokens": 2}}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "custom_id": "a",
+                "model": "gen",
+                "input": {"prompt": "hi"},
+                "params": {"max_new_tokens": 2},
+            }
+        )
+        + "\n"
+    )
     info = json.loads(stack.cli("submit", str(path), "--wait", "--json").stdout)
     assert info["status"] == "completed" and info["counts"]["succeeded"] == 1
     log = (stack.home / "worker-w1.log").read_text()
@@ -257,20 +346,40 @@ def test_worker_drops_pickle_and_malformed_messages_and_goes_on(stack, redis_cli
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_high_priority_overtakes_a_low_priority_backlog(stack):
     bulk = stack.home / "bulk.jsonl"
-    bulk.write_text("".join(json.dumps({"custom_id": f"b{i}", "model": "gen",
-                                        "input": {"prompt": "Hello"},
-                                        "params": {"max_new_tokens": 60}}) + "\n"
-                            for i in range(200)))
+    bulk.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"b{i}",
+                    "model": "gen",
+                    "input": {"prompt": "Hello"},
+                    "params": {"max_new_tokens": 60},
+                }
+            )
+            + "\n"
+            for i in range(200)
+        )
+    )
     one = stack.home / "one.jsonl"
-    one.write_text(json.dumps({"custom_id": "vip", "model": "gen", "input": {"prompt": "Hi"},
-                               "params": {"max_new_tokens": 4}}) + "\n")
+    one.write_text(
+        json.dumps(
+            {
+                "custom_id": "vip",
+                "model": "gen",
+                "input": {"prompt": "Hi"},
+                "params": {"max_new_tokens": 4},
+            }
+        )
+        + "\n"
+    )
     stack.start_worker("gen", extra=("--max-batch-size", "4"))
     low = stack.cli("submit", str(bulk), "--priority", "low").stdout.strip()
     deadline = time.monotonic() + 120
     while stack.cli_json("status", low)["counts"]["succeeded"] < 4:
         assert time.monotonic() < deadline
-    high = json.loads(stack.cli("submit", str(one), "--priority", "high", "--wait",
-                                "--json").stdout)
+    high = json.loads(
+        stack.cli("submit", str(one), "--priority", "high", "--wait", "--json").stdout
+    )
     assert high["status"] == "completed" and high["priority"] == "high"
     backlog = stack.cli_json("status", low)
     assert backlog["priority"] == "low"
@@ -287,17 +396,23 @@ def test_single_requests_arriving_while_the_model_is_busy_form_one_batch(stack):
     from bigmodel.core.settings import Settings
     from producer.api import Client
 
-    client = Client(Settings(home=stack.home / "home", broker_url=stack.env["BIGMODEL_BROKER_URL"],
-                             database_url=stack.env["BIGMODEL_DATABASE_URL"],
-                             storage_url=stack.env["BIGMODEL_STORAGE_URL"],
-                             s3_endpoint_url=stack.env["BIGMODEL_S3_ENDPOINT_URL"]))
+    client = Client(
+        Settings(
+            home=stack.home / "home",
+            broker_url=stack.env["BIGMODEL_BROKER_URL"],
+            database_url=stack.env["BIGMODEL_DATABASE_URL"],
+            storage_url=stack.env["BIGMODEL_STORAGE_URL"],
+            s3_endpoint_url=stack.env["BIGMODEL_S3_ENDPOINT_URL"],
+        )
+    )
     try:
         client.register_model("busy", "null:delay_ms=2000", task="generate")
         stack.start_worker("busy", extra=("--max-batch-size", "16", "--max-wait-ms", "20"))
 
         def one(custom_id: str) -> str:
-            return client.submit([{"custom_id": custom_id, "model": "busy",
-                                   "input": {"prompt": "ping"}}]).id
+            return client.submit(
+                [{"custom_id": custom_id, "model": "busy", "input": {"prompt": "ping"}}]
+            ).id
 
         # Two rounds: the first teaches the worker how long a batch takes.
         for round_ in range(2):
@@ -309,8 +424,9 @@ def test_single_requests_arriving_while_the_model_is_busy_form_one_batch(stack):
             singles = [one(f"single-{round_}-{i}") for i in range(10)]
             for batch_id in [first, *singles]:
                 assert client.wait(batch_id, timeout_s=60).status == "completed"
-        claims = stack.sql("SELECT count(DISTINCT started_at) FROM requests "
-                           "WHERE custom_id LIKE 'single-1-%'")[0][0]
+        claims = stack.sql(
+            "SELECT count(DISTINCT started_at) FROM requests WHERE custom_id LIKE 'single-1-%'"
+        )[0][0]
         assert claims == 1, f"the ten single requests ran in {claims} batches"
     finally:
         client.close()

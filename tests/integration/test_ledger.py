@@ -27,8 +27,12 @@ def storage(s3_endpoint, s3_bucket):
 
 
 def specs(n, model="gen"):
-    return [RequestSpec(i + 1, f"r{i}", model, Task.GENERATE, {"prompt": f"p{i}"},
-                        {"max_new_tokens": 2}) for i in range(n)]
+    return [
+        RequestSpec(
+            i + 1, f"r{i}", model, Task.GENERATE, {"prompt": f"p{i}"}, {"max_new_tokens": 2}
+        )
+        for i in range(n)
+    ]
 
 
 def test_migrations_reach_head_with_the_query_indexes(ledger):
@@ -72,9 +76,12 @@ def test_claim_and_finish_are_idempotent(ledger, storage):
     assert ledger.get_batch("b1").status == BatchStatus.IN_PROGRESS
     assert ledger.claim(ids, worker="w2") == []  # a redelivered message claims nothing
 
-    done = [Finished(ids[0], RequestStatus.SUCCEEDED, output={"sequences": []}),
-            Finished(ids[1], RequestStatus.FAILED, error_code="prompt_too_long",
-                     error_message="too long")]
+    done = [
+        Finished(ids[0], RequestStatus.SUCCEEDED, output={"sequences": []}),
+        Finished(
+            ids[1], RequestStatus.FAILED, error_code="prompt_too_long", error_message="too long"
+        ),
+    ]
     assert ledger.finish(done) == 2
     assert ledger.finish(done) == 0  # a second writer changes nothing
     assert finalize_batch(ledger, storage, "b1") is None  # r2 still running
@@ -86,13 +93,26 @@ def test_claim_and_finish_are_idempotent(ledger, storage):
     assert finalize_batch(ledger, storage, "b1") is None  # final once
 
     info = ledger.get_batch("b1")
-    assert info.counts == {"total": 3, "queued": 0, "running": 0, "succeeded": 2, "failed": 1,
-                           "cancelled": 0, "expired": 0}
+    assert info.counts == {
+        "total": 3,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 2,
+        "failed": 1,
+        "cancelled": 0,
+        "expired": 0,
+    }
     out = [json.loads(x) for x in storage.get(info.output_key).splitlines()]
     err = [json.loads(x) for x in storage.get(info.errors_key).splitlines()]
     assert [r["custom_id"] for r in out] == ["r0", "r2"]
-    assert err == [{"custom_id": "r1", "status": "failed", "output": None,
-                    "error": {"code": "prompt_too_long", "message": "too long"}}]
+    assert err == [
+        {
+            "custom_id": "r1",
+            "status": "failed",
+            "output": None,
+            "error": {"code": "prompt_too_long", "message": "too long"},
+        }
+    ]
     assert info.output_key.startswith("tenants/default/batches/b1/")
 
 
@@ -130,8 +150,10 @@ def test_a_result_postgresql_cannot_store_raises_sqlalchemys_data_error(ledger):
     pairs = ledger.create_batch("b4", specs(2), input_key=None, versions={})
     ids = [rid for rid, _ in pairs]
     ledger.claim(ids, worker="w")
-    bad = [Finished(ids[0], RequestStatus.SUCCEEDED, output={"text": "nul\x00here"}),
-           Finished(ids[1], RequestStatus.SUCCEEDED, output={"text": "fine"})]
+    bad = [
+        Finished(ids[0], RequestStatus.SUCCEEDED, output={"text": "nul\x00here"}),
+        Finished(ids[1], RequestStatus.SUCCEEDED, output={"text": "fine"}),
+    ]
     if ledger.engine.dialect.name == "postgresql":
         with pytest.raises(DataError):  # the worker then writes rows one by one
             ledger.finish(bad)

@@ -30,14 +30,18 @@ def settings(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(tiny_models, settings):
-    return load_runner(info("gen", "generate", tiny_models["generator"]), device="cpu",
-                       settings=settings)
+    return load_runner(
+        info("gen", "generate", tiny_models["generator"]), device="cpu", settings=settings
+    )
 
 
 @pytest.fixture(scope="module")
 def classifier(tiny_models, settings):
-    return load_runner(info("cls", "classify", tiny_models["classifier"], "resnet18"),
-                       device="cpu", settings=settings)
+    return load_runner(
+        info("cls", "classify", tiny_models["classifier"], "resnet18"),
+        device="cpu",
+        settings=settings,
+    )
 
 
 def gen_item(i, prompt, **params):
@@ -48,16 +52,23 @@ def data_uri(data: bytes, kind="jpeg") -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
-PROMPTS = ["Hello", "The quick brown fox jumps over", "请用一句话介绍批量推理：",
-           "Le renard brun saute par-dessus le chien", "x"]
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over",
+    "请用一句话介绍批量推理：",
+    "Le renard brun saute par-dessus le chien",
+    "x",
+]
 
 
-@pytest.mark.parametrize("params", [
-    {"max_new_tokens": 12},
-    {"max_new_tokens": 12, "do_sample": True, "seed": 1234, "temperature": 0.9, "top_p": 0.9},
-    {"max_new_tokens": 8, "do_sample": True, "seed": 5, "top_k": 20,
-     "num_return_sequences": 2},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_new_tokens": 12},
+        {"max_new_tokens": 12, "do_sample": True, "seed": 1234, "temperature": 0.9, "top_p": 0.9},
+        {"max_new_tokens": 8, "do_sample": True, "seed": 5, "top_k": 20, "num_return_sequences": 2},
+    ],
+)
 def test_batched_generation_equals_one_at_a_time(generator, params):
     items = [gen_item(i, p, **params) for i, p in enumerate(PROMPTS)]
     batched = RunLoop(generator, max_batch_size=8).run(items)
@@ -76,11 +87,16 @@ def test_same_seed_same_text_whatever_the_batch_mates(generator):
     p = {"max_new_tokens": 10, "do_sample": True, "seed": 42}
     a = RunLoop(generator, max_batch_size=8).run([gen_item(0, "Once upon a time", **p)])
     b = RunLoop(generator, max_batch_size=8).run(
-        [gen_item(1, "some other much longer prompt here", **p),
-         gen_item(0, "Once upon a time", **p), gen_item(2, "z", max_new_tokens=3)])
+        [
+            gen_item(1, "some other much longer prompt here", **p),
+            gen_item(0, "Once upon a time", **p),
+            gen_item(2, "z", max_new_tokens=3),
+        ]
+    )
     assert a[0].output == b[1].output
     c = RunLoop(generator, max_batch_size=8).run(
-        [gen_item(0, "Once upon a time", **{**p, "seed": 43})])
+        [gen_item(0, "Once upon a time", **{**p, "seed": 43})]
+    )
     assert c[0].output != a[0].output
 
 
@@ -89,7 +105,8 @@ def test_stop_strings_cut_the_text(generator):
     text = free[0].output["sequences"][0]["text"]
     stop = text[3:5]
     res = RunLoop(generator, max_batch_size=4).run(
-        [gen_item(0, "Hello", max_new_tokens=20, stop=[stop])])
+        [gen_item(0, "Hello", max_new_tokens=20, stop=[stop])]
+    )
     seq = res[0].output["sequences"][0]
     assert seq["finish_reason"] == "stop"
     assert seq["text"] == text[: text.find(stop)]
@@ -98,8 +115,12 @@ def test_stop_strings_cut_the_text(generator):
 
 def test_prompt_over_the_context_window_fails_alone(generator):
     res = RunLoop(generator, max_batch_size=4).run(
-        [gen_item(0, "word " * 400), gen_item(1, "fine", max_new_tokens=4),
-         gen_item(2, "ok", max_new_tokens=127)])
+        [
+            gen_item(0, "word " * 400),
+            gen_item(1, "fine", max_new_tokens=4),
+            gen_item(2, "ok", max_new_tokens=127),
+        ]
+    )
     assert res[0].error["code"] == "prompt_too_long"
     assert "context window of 128 tokens" in res[0].error["message"]
     assert res[1].ok
@@ -114,12 +135,22 @@ def test_unicode_prompts_round_trip_through_the_tokenizer(generator):
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but that holds almost no data."""
+
     def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_classify_top_k_and_bad_images_fail_alone(classifier):
@@ -145,14 +176,20 @@ def test_classify_top_k_and_bad_images_fail_alone(classifier):
     assert labels == sorted(labels, key=lambda x: -x["score"])
     assert abs(sum(x["score"] for x in res[1].output["labels"]) - 1.0) < 1e-4
     assert [r.error["code"] for r in res[3:]] == [
-        "image_decode_failed", "image_decode_failed", "image_decode_failed", "image_too_large"]
+        "image_decode_failed",
+        "image_decode_failed",
+        "image_decode_failed",
+        "image_too_large",
+    ]
     assert "0 bytes" in res[3].error["message"]
     assert "900000000 pixels" in res[6].error["message"]
 
 
 def test_batched_classification_equals_one_at_a_time(classifier):
-    items = [Item(i, {"image": data_uri(b)}, {"top_k": 2})
-             for i, b in enumerate(make_images(5, size=70, seed=3))]
+    items = [
+        Item(i, {"image": data_uri(b)}, {"top_k": 2})
+        for i, b in enumerate(make_images(5, size=70, seed=3))
+    ]
     batched = RunLoop(classifier, max_batch_size=8).run(items)
     alone = [RunLoop(classifier, max_batch_size=1).run([it])[0] for it in items]
     for a, b in zip(batched, alone, strict=True):
@@ -168,8 +205,9 @@ def test_model_source_from_an_s3_prefix(tiny_models, s3_endpoint, s3_bucket, tmp
     for f in Path(tiny_models["generator"]).iterdir():
         store.put(f.name, f.read_bytes())
     settings = Settings(home=tmp_path, s3_endpoint_url=s3_endpoint)
-    runner = load_runner(info("g", "generate", f"s3://{s3_bucket}/models/gen"), device="cpu",
-                         settings=settings)
+    runner = load_runner(
+        info("g", "generate", f"s3://{s3_bucket}/models/gen"), device="cpu", settings=settings
+    )
     res = RunLoop(runner, max_batch_size=2).run([gen_item(0, "Hello", max_new_tokens=3)])
     assert res[0].ok
     assert (tmp_path / "models" / s3_bucket / "models" / "gen" / "config.json").is_file()
@@ -177,11 +215,17 @@ def test_model_source_from_an_s3_prefix(tiny_models, s3_endpoint, s3_bucket, tmp
 
 def test_misconfigured_models_say_what_to_fix(tiny_models, settings, tmp_path):
     with pytest.raises(ConfigError, match="does not fit resnet34"):
-        load_runner(info("c", "classify", tiny_models["classifier"], "resnet34"),
-                    device="cpu", settings=settings)
+        load_runner(
+            info("c", "classify", tiny_models["classifier"], "resnet34"),
+            device="cpu",
+            settings=settings,
+        )
     with pytest.raises(ConfigError, match="unknown torchvision architecture 'resnet9000'"):
-        load_runner(info("c", "classify", tiny_models["classifier"], "resnet9000"),
-                    device="cpu", settings=settings)
+        load_runner(
+            info("c", "classify", tiny_models["classifier"], "resnet9000"),
+            device="cpu",
+            settings=settings,
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         load_runner(info("g", "generate", "./no/such/folder"), device="cpu", settings=settings)
 
@@ -193,11 +237,17 @@ def test_reduced_precision_and_channels_last_run_on_cpu_too(tiny_models, setting
     with pytest.raises(ValueError, match="dtype 'float8'"):
         Accel.for_device("cpu", dtype="float8")
     fast = Accel(dtype="bfloat16", channels_last=True)
-    cls16 = load_runner(info("cls", "classify", tiny_models["classifier"], "resnet18"),
-                        device="cpu", settings=settings, accel=fast)
+    cls16 = load_runner(
+        info("cls", "classify", tiny_models["classifier"], "resnet18"),
+        device="cpu",
+        settings=settings,
+        accel=fast,
+    )
     assert next(cls16.model.parameters()).dtype.__str__() == "torch.bfloat16"
-    items = [Item(i, {"image": data_uri(b)}, {"top_k": 10})
-             for i, b in enumerate(make_images(3, size=64, seed=5))]
+    items = [
+        Item(i, {"image": data_uri(b)}, {"top_k": 10})
+        for i, b in enumerate(make_images(3, size=64, seed=5))
+    ]
     low = RunLoop(cls16, max_batch_size=4).run(items)
     full = RunLoop(classifier, max_batch_size=4).run(items)
     for a, b in zip(low, full, strict=True):
@@ -205,7 +255,11 @@ def test_reduced_precision_and_channels_last_run_on_cpu_too(tiny_models, setting
         sb = {x["index"]: x["score"] for x in b.output["labels"]}
         assert sa.keys() == sb.keys()
         assert all(abs(sa[k] - sb[k]) < 0.05 for k in sa)
-    gen16 = load_runner(info("gen", "generate", tiny_models["generator"]), device="cpu",
-                        settings=settings, accel=Accel(dtype="bfloat16"))
+    gen16 = load_runner(
+        info("gen", "generate", tiny_models["generator"]),
+        device="cpu",
+        settings=settings,
+        accel=Accel(dtype="bfloat16"),
+    )
     res = RunLoop(gen16, max_batch_size=2).run([gen_item(0, "Hello", max_new_tokens=5)])
     assert res[0].ok and res[0].output["sequences"][0]["tokens"] == 5

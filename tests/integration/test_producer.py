@@ -13,8 +13,13 @@ from producer import Client
 
 @pytest.fixture
 def client(tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket, tiny_models):
-    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
-                        storage_url=f"s3://{s3_bucket}/p", s3_endpoint_url=s3_endpoint)
+    settings = Settings(
+        home=tmp_path,
+        broker_url=redis_url,
+        database_url=database_url,
+        storage_url=f"s3://{s3_bucket}/p",
+        s3_endpoint_url=s3_endpoint,
+    )
     c = Client(settings)
     c.register_model("gen", str(tiny_models["generator"]), task="generate", batch_size=8)
     c.register_model("cls", str(tiny_models["classifier"]), task="classify", arch="resnet18")
@@ -23,8 +28,15 @@ def client(tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_buck
 
 
 def records(n, model="gen"):
-    return [{"custom_id": f"r{i}", "model": model, "input": {"prompt": f"p {i} é"},
-             "params": {"max_new_tokens": 3}} for i in range(n)]
+    return [
+        {
+            "custom_id": f"r{i}",
+            "model": model,
+            "input": {"prompt": f"p {i} é"},
+            "params": {"max_new_tokens": 3},
+        }
+        for i in range(n)
+    ]
 
 
 def test_submit_records_ledger_rows_input_file_and_chunked_messages(client, redis_client):
@@ -53,11 +65,16 @@ def test_a_rejected_submission_writes_nothing(client, redis_client):
         client.submit([{"custom_id": "a", "model": "gen", "input": {"prompt": object()}}])
 
 
-def test_broker_down_at_submit_fails_the_recorded_batch(tmp_path, database_url, s3_endpoint,
-                                                         s3_bucket, tiny_models):
-    settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0",
-                        database_url=database_url, storage_url=f"s3://{s3_bucket}/p",
-                        s3_endpoint_url=s3_endpoint)
+def test_broker_down_at_submit_fails_the_recorded_batch(
+    tmp_path, database_url, s3_endpoint, s3_bucket, tiny_models
+):
+    settings = Settings(
+        home=tmp_path,
+        broker_url="redis://127.0.0.1:1/0",
+        database_url=database_url,
+        storage_url=f"s3://{s3_bucket}/p",
+        s3_endpoint_url=s3_endpoint,
+    )
     c = Client(settings)
     c.celery.conf.broker_connection_max_retries = 1
     c.celery.conf.broker_connection_timeout = 1
@@ -86,19 +103,25 @@ def test_registration_checks_say_what_to_fix(client, tmp_path, tiny_models):
     assert hub.source == "gpt2" and hub.batch_size == 16
     with pytest.raises(ConfigError, match="use `null:` or `null:delay_ms=N`"):
         client.register_model("n1", "null:delay=5", task="generate")
-    assert client.register_model("n2", "null:delay_ms=5", task="generate").source == \
-        "null:delay_ms=5"
+    assert (
+        client.register_model("n2", "null:delay_ms=5", task="generate").source == "null:delay_ms=5"
+    )
     with pytest.raises(NotFound, match="batch 'batch_x' not found"):
         client.status("batch_x")
 
 
-def test_storage_down_at_submit_writes_nothing(tmp_path, redis_client, redis_url, database_url,
-                                               tiny_models):
+def test_storage_down_at_submit_writes_nothing(
+    tmp_path, redis_client, redis_url, database_url, tiny_models
+):
     from tests.conftest import free_port
 
-    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
-                        storage_url="s3://nowhere/p",
-                        s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    settings = Settings(
+        home=tmp_path,
+        broker_url=redis_url,
+        database_url=database_url,
+        storage_url="s3://nowhere/p",
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+    )
     c = Client(settings)
     c.register_model("gen", str(tiny_models["generator"]), task="generate")
     c.storage.client.meta.config.retries = {"max_attempts": 1}
@@ -113,17 +136,22 @@ def test_database_down_at_submit_enqueues_nothing(tmp_path, redis_client, redis_
 
     from tests.conftest import free_port
 
-    settings = Settings(home=tmp_path, broker_url=redis_url,
-                        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    settings = Settings(
+        home=tmp_path,
+        broker_url=redis_url,
+        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+    )
     with pytest.raises(OperationalError):
         Client(settings).submit(records(2))
     assert redis_client.keys("bigmodel.model.*") == []
 
 
-def test_oversized_files_are_rejected_before_anything_is_written(tmp_path, redis_client,
-                                                                  redis_url, database_url):
-    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
-                        max_file_bytes=100)
+def test_oversized_files_are_rejected_before_anything_is_written(
+    tmp_path, redis_client, redis_url, database_url
+):
+    settings = Settings(
+        home=tmp_path, broker_url=redis_url, database_url=database_url, max_file_bytes=100
+    )
     c = Client(settings)
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"custom_id": "a", "model": "m", "input": {"prompt": "x" * 200}}))

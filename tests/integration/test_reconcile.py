@@ -19,9 +19,15 @@ from producer.api import parse_window
 
 @pytest.fixture
 def client(tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket, tiny_models):
-    settings = Settings(home=tmp_path, broker_url=redis_url, database_url=database_url,
-                        storage_url=f"s3://{s3_bucket}/p", s3_endpoint_url=s3_endpoint,
-                        max_attempts=2, lease_s=60)
+    settings = Settings(
+        home=tmp_path,
+        broker_url=redis_url,
+        database_url=database_url,
+        storage_url=f"s3://{s3_bucket}/p",
+        s3_endpoint_url=s3_endpoint,
+        max_attempts=2,
+        lease_s=60,
+    )
     c = Client(settings)
     c.register_model("gen", str(tiny_models["generator"]), task="generate", batch_size=4)
     yield c
@@ -33,8 +39,12 @@ def reqs(n):
 
 
 def ids_of(client, batch_id):
-    return [rid for rid, in client.ledger.engine.connect().exec_driver_sql(
-        f"SELECT id FROM requests WHERE batch_id = '{batch_id}' ORDER BY line")]
+    return [
+        rid
+        for (rid,) in client.ledger.engine.connect().exec_driver_sql(
+            f"SELECT id FROM requests WHERE batch_id = '{batch_id}' ORDER BY line"
+        )
+    ]
 
 
 def test_expired_leases_come_back_alone_and_poison_fails(client, redis_client):
@@ -76,14 +86,16 @@ def test_completion_window_expires_the_unfinished(client):
     client.ledger.claim(ids[:1], worker="w")
     client.ledger.finish([Finished(ids[0], "succeeded", output={"sequences": []})])
     with client.ledger.Session.begin() as s:
-        s.execute(update(BatchRow).where(BatchRow.id == batch.id)
-                  .values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        s.execute(
+            update(BatchRow)
+            .where(BatchRow.id == batch.id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
     report = client.reconcile(lost_grace_s=3600)
     assert report.expired == {batch.id: 3} and report.finalized == [batch.id]
     info = client.status(batch.id)
     assert info.status == "expired" and info.counts["expired"] == 3
-    assert {r["error"]["code"] for r in client.results(batch.id) if r["error"]} == {
-        "batch_expired"}
+    assert {r["error"]["code"] for r in client.results(batch.id) if r["error"]} == {"batch_expired"}
     assert client.audit(batch.id).ok
 
 

@@ -66,10 +66,12 @@ def test_fetch_s3_http_and_data(s3_endpoint, s3_bucket, web):
     assert f.fetch(f"{web}/ok.bin") == b"\x00\x01hello"
     assert f.fetch("data:image/png;base64," + base64.b64encode(b"xyz").decode()) == b"xyz"
 
-    for uri, code in [(f"s3://{s3_bucket}/missing.jpg", "object_not_found"),
-                      (f"s3://no-such-bucket-{s3_bucket}/k", "object_not_found"),
-                      (f"{web}/missing", "object_not_found"),
-                      ("data:image/png;base64,@@@", "invalid_input")]:
+    for uri, code in [
+        (f"s3://{s3_bucket}/missing.jpg", "object_not_found"),
+        (f"s3://no-such-bucket-{s3_bucket}/k", "object_not_found"),
+        (f"{web}/missing", "object_not_found"),
+        ("data:image/png;base64,@@@", "invalid_input"),
+    ]:
         with pytest.raises(PermanentError) as info:
             f.fetch(uri)
         assert info.value.code == code, uri

@@ -76,16 +76,23 @@ def test_split_by_token_budget_counts_padded_rows():
     # Sorted: 10, 10, 12 (2 rows), 100. Budget 40: 10+10 -> 2*10=20; adding the 2-row 12
     # makes 4*12=48 > 40, so it starts a new batch; 100 alone passes the budget but must run.
     assert split_batches(keys, max_batch_size=8, costs=costs, max_batch_tokens=40) == [
-        [0, 1], [3], [2]]
+        [0, 1],
+        [3],
+        [2],
+    ]
     assert split_batches(keys, max_batch_size=8, costs=costs, max_batch_tokens=10_000) == [
-        [0, 1, 3, 2]]
+        [0, 1, 3, 2]
+    ]
 
 
 def test_isolated_chunks_run_alone_and_first():
     pending = [chunk(2, 1.0), Chunk("m", 1, "normal", 1.5, isolate=True), chunk(2, 1.2)]
     assert collate(pending, max_items=8, max_wait_s=0.1, now=2.0).take == [0, 2]
-    pending = [Chunk("m", 1, "normal", 0.5, isolate=True), chunk(2, 1.0),
-               Chunk("m", 1, "normal", 0.6, isolate=True)]
+    pending = [
+        Chunk("m", 1, "normal", 0.5, isolate=True),
+        chunk(2, 1.0),
+        Chunk("m", 1, "normal", 0.6, isolate=True),
+    ]
     assert collate(pending, max_items=8, max_wait_s=0.1, now=2.0).take == [0]
 
 

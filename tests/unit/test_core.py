@@ -51,7 +51,12 @@ def test_message_format_and_chunking():
     assert json.loads(json.dumps(msg)) == msg
     parsed = parse_message(msg)
     assert (parsed.batch_id, parsed.model, parsed.ids, parsed.priority, parsed.isolate) == (
-        "batch_1", "gen", [1, 2, 3], "normal", False)
+        "batch_1",
+        "gen",
+        [1, 2, 3],
+        "normal",
+        False,
+    )
     high = chunk_message("b", "gen", [1], priority="high", isolate=True)
     assert parse_message(high).priority == "high" and parse_message(high).isolate
     with pytest.raises(ValueError, match="unknown priority 'urgent'"):
