@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lost-grace-s",
         type=float,
         default=None,
-        help="how long a queued request may be missing from the broker "
-        "(default: BIGMODEL_LOST_GRACE_S)",
+        help="how long a queued request may be missing from the broker, and a batch whose "
+        "requests are all final may wait for its files (default: BIGMODEL_LOST_GRACE_S)",
     )
     s.add_argument("--json", action="store_true")
 

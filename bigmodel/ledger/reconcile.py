@@ -7,7 +7,9 @@ Runs periodically inside workers and on demand as `bigmodel reconcile`. Each pas
    used up their attempts;
 3. re-enqueues queued requests that the broker no longer holds (Redis restarted or flushed);
 4. finishes batches that have nothing left to run (a worker died between its last result and
-   the batch's output files).
+   the batch's output files), once their last request has been final for the lost grace
+   period: before that, the worker that finished it is still writing the files (a worker's
+   finalizer may run seconds behind when thousands of tiny batches finish at once).
 Everything it does is idempotent; duplicated messages are harmless because a request is only
 claimed while queued.
 """
@@ -110,7 +112,8 @@ def reconcile(
             _send(app, lost, size=None)
             report.lost_requeued = len(lost)
 
-    for batch_id in set(report.expired) | set(unfinished_batches_without_work(ledger)):
+    stuck = unfinished_batches_without_work(ledger, finished_before=cutoff(grace))
+    for batch_id in set(report.expired) | set(stuck):
         if finalize_batch(ledger, storage, batch_id) is not None:
             report.finalized.append(batch_id)
     if report.changed:

@@ -141,10 +141,13 @@ def expire_due(ledger: Ledger, *, now: datetime | None = None) -> dict[str, int]
     return out
 
 
-def unfinished_batches_without_work(ledger: Ledger) -> list[str]:
-    """Batches not final although none of their requests is queued or running."""
+def unfinished_batches_without_work(ledger: Ledger, *, finished_before: datetime) -> list[str]:
+    """Batches not final although none of their requests is queued or running, and none
+    finished at or after `finished_before` (until then, the worker that finished the last one
+    is expected to write the batch's files itself)."""
     t, b = RequestRow.__table__, BatchRow.__table__
     open_work = select(t.c.id).where(t.c.batch_id == b.c.id, t.c.status.in_(_UNFINISHED))
+    recent = select(t.c.id).where(t.c.batch_id == b.c.id, t.c.finished_at >= finished_before)
     with ledger.engine.connect() as conn:
         return list(
             conn.execute(
@@ -152,6 +155,7 @@ def unfinished_batches_without_work(ledger: Ledger) -> list[str]:
                     b.c.status.not_in(_FINAL_BATCH),
                     b.c.tenant == ledger.tenant,
                     ~open_work.exists(),
+                    ~recent.exists(),
                 )
             ).scalars()
         )

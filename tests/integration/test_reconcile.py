@@ -104,7 +104,10 @@ def test_audit_finds_lost_doubled_and_mismatched(client):
     ids = ids_of(client, batch.id)
     client.ledger.claim(ids, worker="w")
     client.ledger.finish([Finished(i, "succeeded", output={"n": i}) for i in ids])
-    client.reconcile(lost_grace_s=3600)
+    # Just finished: its worker writes the files; the reconciler leaves it for the grace period.
+    assert client.reconcile(lost_grace_s=3600).finalized == []
+    assert client.status(batch.id).status == "in_progress"
+    assert client.reconcile(lost_grace_s=0).finalized == [batch.id]
     info = client.status(batch.id)
     assert info.status == "completed"
     audit = client.audit(batch.id)
