@@ -32,6 +32,8 @@ class Config:
     latency_bulk: int = 5_000
     latency_busy_budget_s: float = 60.0
     latency_without_priority: bool = False
+    latency_batch_ms: int = 100  # the second run's model time per batch (null:delay_ms=...)
+    latency_timed_batch: int = 32
     # 8: worker memory
     memory_first: int = 1_000
     memory_last: int = 50_000

@@ -612,11 +612,9 @@ class Probe:
     batch_id: str
 
 
-def _probe(ctx: Ctx, i: int, submit_kw: dict[str, Any], worker: Worker) -> Probe:
+def _probe(ctx: Ctx, i: int, model: str, submit_kw: dict[str, Any], worker: Worker) -> Probe:
     """One single-request batch, timed until its result is final (polled every 5 ms)."""
-    req = [
-        {"custom_id": f"probe-{i:04d}", "model": workloads.NULL_MODEL, "input": {"prompt": "ping"}}
-    ]
+    req = [{"custom_id": f"probe-{i:04d}", "model": model, "input": {"prompt": "ping"}}]
     started = time.perf_counter()
     batch = ctx.client.submit(req, **submit_kw)
     submit_s = time.perf_counter() - started
@@ -632,12 +630,18 @@ def _probe(ctx: Ctx, i: int, submit_kw: dict[str, Any], worker: Worker) -> Probe
 
 
 def section_latency(ctx: Ctx) -> None:
+    """Twice: on the null model (the queue's and worker loop's own latency) and on a null model
+    taking `latency_batch_ms` per batch (a model with a batch time, the target's terms)."""
     cfg = ctx.cfg
     supported = priority_supported()
     use_priority = supported and not cfg.latency_without_priority
     suffix = "" if use_priority else " (no priority)"
-    idle_fig, busy_fig = f"idle worker{suffix}", f"busy worker{suffix}"
-    rows = ctx.report.section("latency p50 / p95", [idle_fig, busy_fig])
+    timed = f"{cfg.latency_batch_ms} ms batches"
+    figures = {
+        "null": (f"idle worker{suffix}", f"busy worker{suffix}"),
+        "timed": (f"idle worker, {timed}{suffix}", f"busy worker, {timed}{suffix}"),
+    }
+    rows = ctx.report.section("latency p50 / p95", [f for pair in figures.values() for f in pair])
     if not supported and not cfg.latency_without_priority:
         for row in rows.values():
             row.set(
@@ -650,19 +654,56 @@ def section_latency(ctx: Ctx) -> None:
     high = {"priority": "high"} if use_priority else {}
     low = {"priority": "low"} if use_priority else {}
     ctx.noop()
+    _latency_pair(ctx, workloads.NULL_MODEL, workloads.NULL_BATCH, rows, figures["null"], high, low)
+    slow = f"noop-{cfg.latency_batch_ms}ms"
+    ctx.client.register_model(
+        slow,
+        f"null:delay_ms={cfg.latency_batch_ms}",
+        task="generate",
+        batch_size=cfg.latency_timed_batch,
+    )
+    idle, busy = _latency_pair(
+        ctx, slow, cfg.latency_timed_batch, rows, figures["timed"], high, low
+    )
+    row = rows[figures["timed"][1]]
+    if idle and busy and row.error is None:
+        added = percentile(busy, 95) - percentile(idle, 50)
+        from workers.main import build_parser
+
+        wait_ms = build_parser().parse_args(["--model", slow]).max_wait_ms  # the worker default
+        bound = 2 * cfg.latency_batch_ms + wait_ms
+        row.details += (
+            f"; p95 − idle p50 = {added:.0f} ms against 2 × {cfg.latency_batch_ms}"
+            f" ms + max-wait {wait_ms:.0f} ms = {bound:.0f} ms"
+        )
+        row.data.update(added_p95_ms=added, bound_ms=bound)
+
+
+def _latency_pair(
+    ctx: Ctx,
+    model: str,
+    batch: int,
+    rows: dict[str, Row],
+    figures: tuple[str, str],
+    high: dict,
+    low: dict,
+) -> tuple[list[float], list[float]]:
+    """Idle then busy probes on one worker of `model`; returns both sets of samples (ms)."""
+    cfg = ctx.cfg
     ctx.stack.reset()
     ctx.report.progress(
         f"latency: {cfg.latency_samples} single requests"
-        f"{' at priority high' if use_priority else ''} to a null-model worker, "
-        "idle then busy"
+        f"{' at priority high' if high else ''} to a worker of {model}, idle then busy"
     )
-    worker = start_worker(ctx, workloads.NULL_MODEL, max_batch_size=workloads.NULL_BATCH)
+    idle: list[float] = []
+    busy: list[float] = []
+    worker = start_worker(ctx, model, max_batch_size=batch)
     try:
-        _probe(ctx, 0, high, worker)  # warm-up
-        with ctx.report.guard(rows[idle_fig]) as row:
+        _probe(ctx, 0, model, high, worker)  # warm-up
+        with ctx.report.guard(rows[figures[0]]) as row:
             probes = []
             for i in range(cfg.latency_samples):
-                probe = _probe(ctx, i + 1, high, worker)
+                probe = _probe(ctx, i + 1, model, high, worker)
                 probes.append(probe)
                 # Let the worker finish the batch (output files) so the next probe finds it idle.
                 wait_batch_final(
@@ -674,11 +715,11 @@ def section_latency(ctx: Ctx) -> None:
                     check=worker.check,
                 )
                 time.sleep(0.05)
-            _latency_row(row, probes, "idle worker (nothing queued)", high)
-        with ctx.report.guard(rows[busy_fig]) as row:
-            probes, backlogs = _busy_probes(ctx, worker, high, low)
+            idle = _latency_row(row, probes, "idle worker (nothing queued)", high)
+        with ctx.report.guard(rows[figures[1]]) as row:
+            probes, backlogs = _busy_probes(ctx, model, worker, high, low)
             bulk = "low-priority bulk work" if low else "bulk work of the same priority"
-            _latency_row(
+            busy = _latency_row(
                 row,
                 probes,
                 f"worker busy with {bulk} (backlog "
@@ -688,9 +729,12 @@ def section_latency(ctx: Ctx) -> None:
             )
     finally:
         ctx.stack.stop_worker(worker)
+    return idle, busy
 
 
-def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict) -> tuple[list[Probe], list[int]]:
+def _busy_probes(
+    ctx: Ctx, model: str, worker: Worker, high: dict, low: dict
+) -> tuple[list[Probe], list[int]]:
     """Probe while bulk work is queued; top the backlog up before each probe."""
     from sqlalchemy import func, select
 
@@ -715,11 +759,13 @@ def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict) -> tuple[list[
     try:
         while len(probes) < cfg.latency_samples and time.perf_counter() < deadline:
             if backlog() < cfg.latency_bulk // 2:
-                reqs = workloads.null_requests(cfg.latency_bulk, prefix=f"bulk{len(bulk)}")
+                reqs = workloads.null_requests(
+                    cfg.latency_bulk, prefix=f"bulk{len(bulk)}", model=model
+                )
                 bulk.append(client.submit(reqs, **low).id)
                 time.sleep(0.2)  # let the worker get going on it
             queued = backlog()
-            probe = _probe(ctx, 1000 + len(probes), high, worker)
+            probe = _probe(ctx, 1000 + len(probes), model, high, worker)
             if queued > 0:
                 probes.append(probe)
                 backlogs.append(queued)
@@ -731,7 +777,7 @@ def _busy_probes(ctx: Ctx, worker: Worker, high: dict, low: dict) -> tuple[list[
     return probes, backlogs
 
 
-def _latency_row(row: Row, probes: list[Probe], what: str, high: dict, **data: Any) -> None:
+def _latency_row(row: Row, probes: list[Probe], what: str, high: dict, **data: Any) -> list[float]:
     total = [p.seconds * 1000 for p in probes]
     submit = [p.submit_s * 1000 for p in probes]
     p50, p95 = percentile(total, 50), percentile(total, 95)
@@ -748,6 +794,7 @@ def _latency_row(row: Row, probes: list[Probe], what: str, high: dict, **data: A
         submit_ms=submit,
         **data,
     )
+    return total
 
 
 # -- 8: worker memory ---------------------------------------------------------------------------

@@ -125,32 +125,48 @@ class BatchingConsumer:
             self.runtime.close()
 
     def _run_connected(self) -> None:
-        # High first: with the Redis transport's 'priority' queue order, BRPOP lists the queues
-        # in this order, so high-priority messages are always popped before bulk work.
-        queues = [
-            Queue(queue_name(m, p), routing_key=queue_name(m, p))
+        queues = {
+            p: [Queue(queue_name(m, p), routing_key=queue_name(m, p)) for m in self.models]
             for p in PRIORITIES
-            for m in self.models
-        ]
+        }
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=3)
-            log.info("consuming %s from %s", ", ".join(q.name for q in queues), conn.as_uri())
-            # Enough prefetched messages to fill the next batch while one runs.
-            consumer = Consumer(
-                conn,
-                queues=queues,
-                callbacks=[self._on_message],
-                accept=["json"],
-                on_decode_error=self._on_decode_error,
-                prefetch_count=max(4, 2 * self.max_batch_size),
-            )
-            with consumer:
-                while not (self.stop.is_set() and not self.inflight):
-                    self._step(conn)
-                # Stopping: messages pending but never claimed go back to their queues.
-                for p in self.pending:
-                    p.message.requeue()
-                self.pending = []
+            names = ", ".join(q.name for p in PRIORITIES for q in queues[p])
+            log.info("consuming %s from %s", names, conn.as_uri())
+            # High-priority queues get a channel, hence a prefetch limit, of their own: the bulk
+            # messages held for the next batches never keep a high-priority one waiting in
+            # Redis. Normal before low: with the Redis transport's 'priority' queue order, BRPOP
+            # lists the queues in this order. Enough bulk prefetch to fill the next batch while
+            # one runs.
+            urgent = conn.channel()
+            try:
+                consumers = [
+                    self._consumer(urgent, queues["high"], prefetch=max(4, self.max_batch_size)),
+                    self._consumer(
+                        conn.default_channel,
+                        queues["normal"] + queues["low"],
+                        prefetch=max(4, 2 * self.max_batch_size),
+                    ),
+                ]
+                with consumers[0], consumers[1]:
+                    while not (self.stop.is_set() and not self.inflight):
+                        self._step(conn)
+                    # Stopping: messages pending but never claimed go back to their queues.
+                    for p in self.pending:
+                        p.message.requeue()
+                    self.pending = []
+            finally:
+                urgent.close()
+
+    def _consumer(self, channel, queues: list[Queue], *, prefetch: int) -> Consumer:
+        return Consumer(
+            channel,
+            queues=queues,
+            callbacks=[self._on_message],
+            accept=["json"],
+            on_decode_error=self._on_decode_error,
+            prefetch_count=prefetch,
+        )
 
     def _step(self, conn) -> None:
         self._reap()
@@ -160,6 +176,9 @@ class BatchingConsumer:
         # A suspect request (its worker died running it) runs with nothing else in flight, so
         # that if it kills this worker too, no innocent request is charged an attempt.
         isolated = any(w.isolate for w in self.inflight)
+        postponed = None
+        if not self.stop.is_set() and len(self.inflight) >= 2 and not isolated:
+            postponed = self._make_room_for_high_priority()
         if not self.stop.is_set() and len(self.inflight) < 2 and not isolated:
             now = time.monotonic()
             decision = collate(
@@ -173,15 +192,34 @@ class BatchingConsumer:
                 self.inflight and self.pending[decision.take[0]].chunk.isolate
             ):
                 self._launch(decision.take)
+                self._resume(postponed)
                 return
             if decision.wait_s is not None:
                 wait_s = decision.wait_s
+        self._resume(postponed)
         if self.inflight:
             wait_s = min(wait_s, 0.005)
         try:
             conn.drain_events(timeout=max(wait_s, 0.001))
         except TimeoutError:
             pass
+
+    def _make_room_for_high_priority(self) -> Work | None:
+        """High-priority work is pending and two batches are in flight: take back the one that
+        has not reached the model yet, so the high-priority batch runs next. Returns it (to be
+        resubmitted behind the new batch by `_resume`), or None if there is nothing to do."""
+        if not any(p.chunk.priority == "high" for p in self.pending):
+            return None
+        last = self.inflight[-1]
+        if last.priority == "high" or last.future is None or not last.future.cancel():
+            return None  # already high, or already running
+        self.inflight.pop()
+        return last
+
+    def _resume(self, work: Work | None) -> None:
+        if work is not None:
+            work.future = self.model_thread.submit(self._compute, work)
+            self.inflight.append(work)
 
     def _busy_s(self, now: float) -> float:
         """How much longer the model will likely be busy, less the time to prepare a batch.
