@@ -55,10 +55,12 @@ batching (6)  average formed batch: 1,000 one-request submissions sent from 4 th
           null model nothing is ever busy, so its batches hold what arrives within the wait
           window.
 latency (7)  p50 / p95 of submit call → result final (polled every 5 ms) for a single request
-          with `priority="high"`, to an idle null-model worker and to one busy with low-priority
-          bulk work (the backlog is topped up before every probe; the details give the backlog
-          seen at submit and the submit call's own share). With the null model a busy worker's
-          batches are short, so this is the queue's and the worker loop's latency, not a model's.
+          with `priority="high"`, to an idle worker and to one busy with low-priority bulk work
+          (the backlog is topped up before every probe; the details give the backlog seen at
+          submit and the submit call's own share). Twice: on the null model, whose busy batches
+          are short (the queue's and the worker loop's own latency), and on a `null:delay_ms=100`
+          model, batch 32, standing in for a model that takes 100 ms per batch: its busy row
+          also gives p95 minus the idle p50 against 2 × 100 ms + the default --max-wait-ms.
           Shows "n/a (priority not available)" when `Client.submit` has no `priority` parameter;
           `--latency-without-priority` sends probes and bulk at normal priority, as a baseline.
 memory (8)  VmRSS of a null-model worker after 1,000 and after 50,000 processed requests, and the
