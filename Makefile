@@ -18,6 +18,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
+# Needs Redis and PostgreSQL as for `make test`; BENCH_ARGS="--quick" for a two-minute run.
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
