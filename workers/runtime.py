@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.exc import DataError
 
-from bigmodel.broker import chunk_message, enqueue, queue_name
+from bigmodel.broker import chunk_message, enqueue, queue_name, take_turn
 from bigmodel.core.errors import INTERNAL_ERROR, RESULT_NOT_STORABLE
 from bigmodel.core.runner import ItemResult, Prepared, RunLoop
 from bigmodel.core.settings import Settings
@@ -180,6 +180,11 @@ class Runtime:
         self.ledger.extend(ids, worker=self.worker_name, lease_s=self.settings.lease_s)
 
     def reconcile(self):
+        """One pass of the reconciler, if it is this worker's turn: each pass reads every
+        queued request, so the workers on one broker take turns (one pass per interval)."""
+        turn = self.settings.reconcile_interval_s * 0.9  # this worker may take the next one too
+        if not take_turn(self.app, f"reconcile.{self.ledger.tenant}", turn):
+            return None
         return reconcile(self.ledger, self.storage, self.app, self.settings)
 
     def publish_due(self, now: float | None = None) -> None:

@@ -5,6 +5,7 @@ The producer enqueues by task name; it never imports the worker's task code.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,26 @@ def make_celery(settings: Settings, *, name: str = "bigmodel") -> Celery:
         worker_enable_remote_control=not settings.broker.startswith("filesystem://"),
     )
     return app
+
+
+def take_turn(app: Celery, chore: str, seconds: float) -> bool:
+    """Whether this process should do a fleet-wide chore now.
+
+    At most one caller per `seconds` gets True across every process on the same Redis broker
+    (`SET key NX PX`): the reconciler reads every queued request, so a fleet of workers takes
+    turns rather than each doing it every interval. If the holder dies the key simply expires.
+    A broker without such a primitive (the embedded filesystem one, one process) always says
+    yes.
+    """
+    url = app.conf.broker_url or ""
+    if not url.startswith(("redis://", "rediss://")):
+        return True
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        taken = client.set(
+            f"bigmodel.turn.{chore}", socket.gethostname(), nx=True, px=max(1, int(seconds * 1000))
+        )
+    return bool(taken)
 
 
 def enqueue(app: Celery, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:

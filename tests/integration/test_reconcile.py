@@ -128,3 +128,17 @@ def test_completion_window_parsing():
         parse_window("tomorrow")
     with pytest.raises(ValueError, match="between 1s and 30d"):
         parse_window("60d")
+
+
+def test_workers_take_turns_at_the_reconciler(client, tmp_path):
+    from bigmodel.broker import make_celery, take_turn
+
+    app = client.celery  # Redis: one turn per period across every process on the broker
+    assert take_turn(app, "test-chore", 0.5)
+    assert not take_turn(app, "test-chore", 0.5)
+    assert take_turn(app, "other-chore", 0.5)  # each chore has its own turns
+    time.sleep(0.6)
+    assert take_turn(app, "test-chore", 0.5)  # the holder's turn ran out
+    # The embedded filesystem broker has one process: always its turn.
+    embedded = make_celery(Settings(home=tmp_path / "embedded", broker_url=None))
+    assert take_turn(embedded, "test-chore", 60) and take_turn(embedded, "test-chore", 60)
