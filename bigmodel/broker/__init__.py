@@ -139,7 +139,7 @@ def take_turn(app: Celery, chore: str, seconds: float) -> bool:
     url = app.conf.broker_url or ""
     if not url.startswith(("redis://", "rediss://")):
         return True
-    with app.connection_for_write() as conn:
+    with app.pool.acquire(block=True) as conn:  # a pooled connection: this runs every interval
         client = conn.default_channel.client
         taken = client.set(
             f"bigmodel.turn.{chore}", socket.gethostname(), nx=True, px=max(1, int(seconds * 1000))
