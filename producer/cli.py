@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument(
         "source",
-        help="a local folder, an s3:// prefix, a hub id, or "
-        "torchvision:<arch> for published weights",
+        help="a local folder, an s3:// prefix, a hub id, "
+        "torchvision:<arch> for published weights, or null: / null:delay_ms=N "
+        "(a model doing no work, for benchmarks)",
     )
     r.add_argument("--task", required=True, choices=["classify", "generate"])
     r.add_argument("--arch", help="torchvision architecture of a classify folder (resnet50, ...)")
