@@ -12,15 +12,8 @@ from producer import Client
 
 
 @pytest.fixture
-def client(tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket, tiny_models):
-    settings = Settings(
-        home=tmp_path,
-        broker_url=redis_url,
-        database_url=database_url,
-        storage_url=f"s3://{s3_bucket}/p",
-        s3_endpoint_url=s3_endpoint,
-    )
-    c = Client(settings)
+def client(service_settings, redis_client, tiny_models):
+    c = Client(service_settings())
     c.register_model("gen", str(tiny_models["generator"]), task="generate", batch_size=8)
     c.register_model("cls", str(tiny_models["classifier"]), task="classify", arch="resnet18")
     yield c
@@ -65,17 +58,8 @@ def test_a_rejected_submission_writes_nothing(client, redis_client):
         client.submit([{"custom_id": "a", "model": "gen", "input": {"prompt": object()}}])
 
 
-def test_broker_down_at_submit_fails_the_recorded_batch(
-    tmp_path, database_url, s3_endpoint, s3_bucket, tiny_models
-):
-    settings = Settings(
-        home=tmp_path,
-        broker_url="redis://127.0.0.1:1/0",
-        database_url=database_url,
-        storage_url=f"s3://{s3_bucket}/p",
-        s3_endpoint_url=s3_endpoint,
-    )
-    c = Client(settings)
+def test_broker_down_at_submit_fails_the_recorded_batch(service_settings, tiny_models):
+    c = Client(service_settings(broker_url="redis://127.0.0.1:1/0"))
     c.celery.conf.broker_connection_max_retries = 1
     c.celery.conf.broker_connection_timeout = 1
     c.register_model("gen", str(tiny_models["generator"]), task="generate")

@@ -18,17 +18,8 @@ from producer.api import parse_window
 
 
 @pytest.fixture
-def client(tmp_path, redis_client, redis_url, database_url, s3_endpoint, s3_bucket, tiny_models):
-    settings = Settings(
-        home=tmp_path,
-        broker_url=redis_url,
-        database_url=database_url,
-        storage_url=f"s3://{s3_bucket}/p",
-        s3_endpoint_url=s3_endpoint,
-        max_attempts=2,
-        lease_s=60,
-    )
-    c = Client(settings)
+def client(service_settings, redis_client, tiny_models):
+    c = Client(service_settings(max_attempts=2, lease_s=60))
     c.register_model("gen", str(tiny_models["generator"]), task="generate", batch_size=4)
     yield c
     c.close()
